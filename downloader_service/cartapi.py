@@ -1,0 +1,243 @@
+"""The Cartd protocol: create a cart, poll it until staged, stream its tar, delete it.
+
+Every request goes through one ``requests.Session`` with a connect and read timeout, and every
+``requests``/``urllib3`` exception is translated here, once, into :mod:`.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+import urllib3.exceptions
+
+from .cartfile import CartFile, YieldFiles
+from .errors import (
+    CartFailedError,
+    CartTimeoutError,
+    CartUnavailableError,
+    DownloadInterruptedError,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_CART_API_URL = "http://127.0.0.1:8081"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_CART_TIMEOUT = 120.0
+# Cartd stages a small cart in well under a second: polling starts fast so the download
+# begins within tens of milliseconds of "ready", then backs off to spare Cartd on big carts.
+DEFAULT_POLL_INTERVAL = 0.01
+DEFAULT_POLL_MAX_INTERVAL = 0.5
+POLL_BACKOFF = 1.5
+# Request keyword arguments that upstream's ``auth`` dict may carry into every call.
+_REQUEST_KWARGS = frozenset({"auth", "cert", "verify", "headers", "proxies", "cookies"})
+_MESSAGE_LIMIT = 500
+
+
+class CartAPI:
+    """A client for one Cartd endpoint (the upstream ``pacifica.downloader.CartAPI``).
+
+    ``cart_api_url`` is where carts are created (``{cart_api_url}/{uid}``); without it the
+    ``CARTD_URL`` environment variable, then ``http://127.0.0.1:8081``. Keyword arguments:
+
+    ``session``
+        a ``requests.Session`` to use (a new one by default);
+    ``auth``
+        upstream's dict of request keyword arguments (``{"auth": ("user", "pw"),
+        "verify": "/ca.pem"}``), or a requests auth object or ``(user, password)`` tuple;
+    ``connect_timeout``, ``read_timeout``
+        seconds for each HTTP call (5 and 60);
+    ``poll_interval``, ``poll_max_interval``
+        first and longest pause between status polls (0.01 s and 0.5 s);
+    ``clock``, ``sleep``
+        replace ``time.monotonic`` and ``time.sleep`` (for tests).
+    """
+
+    def __init__(self, cart_api_url: str | None = None, **kwargs: Any) -> None:
+        url = cart_api_url or os.environ.get("CARTD_URL") or DEFAULT_CART_API_URL
+        self.cart_api_url = url.rstrip("/")
+        self.session: requests.Session = kwargs.pop("session", None) or requests.Session()
+        self.request_kwargs = _request_kwargs(kwargs.pop("auth", None))
+        self.timeout = (
+            float(kwargs.pop("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            float(kwargs.pop("read_timeout", DEFAULT_READ_TIMEOUT)),
+        )
+        self.poll_interval = float(kwargs.pop("poll_interval", DEFAULT_POLL_INTERVAL))
+        self.poll_max_interval = float(kwargs.pop("poll_max_interval", DEFAULT_POLL_MAX_INTERVAL))
+        self.clock: Callable[[], float] = kwargs.pop("clock", time.monotonic)
+        self.sleep: Callable[[float], None] = kwargs.pop("sleep", time.sleep)
+        if kwargs:
+            raise TypeError(f"CartAPI got unexpected keyword arguments: {sorted(kwargs)}")
+
+    @property
+    def auth(self) -> dict[str, Any]:
+        """The request keyword arguments sent with every call (upstream's ``auth``)."""
+        return self.request_kwargs
+
+    def setup_cart(self, yield_files: YieldFiles) -> str:
+        """Create a cart of the files ``yield_files()`` yields and return the cart's URL."""
+        fileids = [CartFile.from_cartd(obj).as_cartd() for obj in yield_files()]
+        cart_url = f"{self.cart_api_url}/{uuid.uuid4()}"
+        resp = self._request(
+            "POST",
+            cart_url,
+            data=json.dumps({"fileids": fileids}),
+            headers={"Content-Type": "application/json"},
+        )
+        with resp:
+            if resp.status_code not in (200, 201, 202):
+                _raise_for_status(resp, cart_url, f"creating the cart ({len(fileids)} files)")
+        LOGGER.info("cart created", extra={"cart_url": cart_url, "files": len(fileids)})
+        return cart_url
+
+    def cart_status(self, cart_url: str) -> tuple[int, str, str]:
+        """Ask Cartd once: ``(HTTP status, X-Pacifica-Status, X-Pacifica-Message)``."""
+        with self._request("HEAD", cart_url) as resp:
+            return (
+                resp.status_code,
+                resp.headers.get("X-Pacifica-Status", ""),
+                resp.headers.get("X-Pacifica-Message", ""),
+            )
+
+    def wait_for_cart(
+        self,
+        cart_url: str,
+        timeout: float = DEFAULT_CART_TIMEOUT,
+        on_status: Callable[[str, str], None] | None = None,
+    ) -> str:
+        """Poll until the cart is ready and return ``cart_url``; ``timeout`` is in seconds.
+
+        Raises :class:`CartFailedError` when Cartd reports an error, :class:`CartTimeoutError`
+        when the deadline passes first. ``on_status(status, message)`` sees every poll.
+        """
+        deadline = self.clock() + timeout
+        interval = self.poll_interval
+        while True:
+            code, status, message = self.cart_status(cart_url)
+            if on_status is not None:
+                on_status(status, message)
+            if code == 204 and status == "ready":
+                return cart_url
+            if code in (401, 403, 404):
+                raise CartFailedError(
+                    f"Cartd answered {code} for the cart {cart_url}: {message or 'no message'}",
+                    url=cart_url,
+                    status=code,
+                    cartd_message=message,
+                )
+            if code == 500 or status == "error":
+                raise CartFailedError(
+                    f"Cartd failed the cart {cart_url}: {message or 'no message'}",
+                    url=cart_url,
+                    status=code,
+                    cartd_message=message,
+                )
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise CartTimeoutError(
+                    f"the cart {cart_url} was not ready within {timeout:g} s "
+                    f"(last status {status or code!r}: {message or 'no message'})",
+                    url=cart_url,
+                    timeout=timeout,
+                    cartd_status=status,
+                )
+            self.sleep(min(interval, remaining))
+            interval = min(interval * POLL_BACKOFF, self.poll_max_interval)
+
+    @contextmanager
+    def open_cart(self, cart_url: str, filename: str = "data") -> Iterator[CartStream]:
+        """Start the GET of a ready cart and yield its body as a file-like stream."""
+        resp = self._request("GET", cart_url, params={"filename": filename}, stream=True)
+        with resp:
+            if resp.status_code != 200:
+                _raise_for_status(resp, cart_url, "downloading the cart")
+            # Cartd sends a plain tar; a proxy may still gzip it on the way.
+            resp.raw.decode_content = True
+            yield CartStream(resp.raw, cart_url)
+
+    def delete_cart(self, cart_url: str) -> bool:
+        """Delete the cart on Cartd; return whether that worked (failure is only logged)."""
+        try:
+            with self._request("DELETE", cart_url) as resp:
+                deleted = resp.status_code < 300
+        except CartUnavailableError:
+            deleted = False
+        if not deleted:
+            LOGGER.warning("could not delete cart", extra={"cart_url": cart_url})
+        return deleted
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        merged = {**self.request_kwargs, **kwargs}
+        if "headers" in self.request_kwargs and "headers" in kwargs:
+            merged["headers"] = {**self.request_kwargs["headers"], **kwargs["headers"]}
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **merged)
+        except requests.Timeout as exc:
+            raise CartUnavailableError(
+                f"Cartd did not answer {method} {url} in time: {exc}", url=url
+            ) from exc
+        except requests.RequestException as exc:
+            raise CartUnavailableError(f"cannot reach Cartd for {method} {url}: {exc}", url=url) from exc
+
+
+class CartStream:
+    """The body of a cart download, read in chunks; stream failures become our errors."""
+
+    def __init__(self, raw: Any, url: str) -> None:
+        self._raw = raw
+        self.url = url
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        """Read up to ``size`` bytes; ``b""`` at the end of the body."""
+        try:
+            data: bytes = self._raw.read(size)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            raise DownloadInterruptedError(
+                f"the download of {self.url} broke off after {self.bytes_read} bytes: {exc}",
+                url=self.url,
+                bytes_read=self.bytes_read,
+            ) from exc
+        self.bytes_read += len(data)
+        return data
+
+
+def _request_kwargs(auth: Any) -> dict[str, Any]:
+    """Accept upstream's dict of request kwargs as well as a plain requests ``auth``."""
+    if auth is None:
+        return {}
+    if isinstance(auth, Mapping):
+        unknown = set(auth) - _REQUEST_KWARGS
+        if unknown:
+            raise TypeError(f"auth may carry only {sorted(_REQUEST_KWARGS)}, not {sorted(unknown)}")
+        return dict(auth)
+    return {"auth": auth}
+
+
+def _raise_for_status(resp: requests.Response, url: str, doing: str) -> None:
+    message = resp.headers.get("X-Pacifica-Message") or _body_message(resp)
+    text = f"Cartd answered {resp.status_code} {resp.reason} {doing} at {url}: {message}"
+    error = CartUnavailableError if resp.status_code >= 500 else CartFailedError
+    raise error(text, url=url, status=resp.status_code, cartd_message=message)
+
+
+def _body_message(resp: requests.Response) -> str:
+    try:
+        text = resp.text
+    except requests.RequestException:
+        return "no message"
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:_MESSAGE_LIMIT] or "no message"
+    if isinstance(body, Mapping) and "message" in body:
+        return str(body["message"])[:_MESSAGE_LIMIT]
+    return text[:_MESSAGE_LIMIT]

@@ -1,0 +1,178 @@
+"""The Downloader: files in (an event or a transaction), a verified directory tree out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .archive import DEFAULT_CHUNK_SIZE, ExtractResult, check_filename, extract_cart
+from .cartapi import DEFAULT_CART_TIMEOUT, CartAPI
+from .cartfile import CartFile, as_yield_files
+from .cloudevent import CloudEvent
+from .errors import DownloaderError
+from .progress import DownloadProgress
+from .transactioninfo import TransactionInfo
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What one download did. ``root`` is ``location/filename``, where the files are."""
+
+    location: Path
+    root: Path
+    files: tuple[Path, ...]
+    bytes: int
+    cart_url: str
+    seconds: float
+    staging_seconds: float = field(default=0.0)
+
+    @property
+    def file_count(self) -> int:
+        """How many files were written."""
+        return len(self.files)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (paths as strings)."""
+        summary = asdict(self)
+        summary.update(
+            location=str(self.location),
+            root=str(self.root),
+            files=[str(path) for path in self.files],
+            file_count=self.file_count,
+        )
+        return summary
+
+
+class Downloader:
+    """Download the files of a CloudEvent or a transaction through a Cartd cart.
+
+    ``location`` is the directory the files land in (created if missing): a file ``a/b.txt``
+    of a download with ``filename='data'`` ends up at ``location/data/a/b.txt``.
+    ``cart_api_url`` is Cartd's cart endpoint. Keyword arguments:
+
+    ``cart_timeout``
+        seconds to wait for the cart to be staged (120);
+    ``delete_cart``
+        delete the cart on Cartd once the download ends (True);
+    ``progress``
+        a :class:`DownloadProgress` to notify;
+    ``chunk_size``
+        bytes read and written at a time (1 MiB);
+
+    and every :class:`CartAPI` keyword (``session``, ``auth``, ``connect_timeout``,
+    ``read_timeout``, ``poll_interval``, ``poll_max_interval``, ``clock``, ``sleep``).
+
+    The 0.4.1 call style, ``Downloader(cart_api_url)`` and ``cloudevent(location, event)``,
+    works too.
+    """
+
+    def __init__(
+        self, location: str | os.PathLike[str] | None = None, cart_api_url: str | None = None, **kwargs: Any
+    ) -> None:
+        if cart_api_url is None and isinstance(location, str) and "://" in location:
+            location, cart_api_url = None, location  # 0.4.1: Downloader(cart_api_url)
+        self.location = Path(location) if location is not None else None
+        self.cart_timeout = float(kwargs.pop("cart_timeout", DEFAULT_CART_TIMEOUT))
+        self.delete_cart = bool(kwargs.pop("delete_cart", True))
+        self.progress: DownloadProgress = kwargs.pop("progress", None) or DownloadProgress()
+        self.chunk_size = int(kwargs.pop("chunk_size", DEFAULT_CHUNK_SIZE))
+        self.clock = kwargs.get("clock", time.monotonic)
+        self.cart_api = CartAPI(cart_api_url, **kwargs)
+
+    @property
+    def auth(self) -> dict[str, Any]:
+        """The request keyword arguments sent with every call (upstream's ``auth``)."""
+        return self.cart_api.auth
+
+    def cloudevent(self, cloudevent: Any, filename: Any = "data", location: Any = None) -> DownloadResult:
+        """Download the files a Pacifica Notifications CloudEvent (a dict) lists."""
+        event, filename, location = _legacy_call(cloudevent, filename, location)
+        return self.download(CloudEvent.files(event), filename, location)
+
+    def transactioninfo(self, transinfo: Any, filename: Any = "data", location: Any = None) -> DownloadResult:
+        """Download the files of a Policy transaction-info document (a dict)."""
+        transinfo, filename, location = _legacy_call(transinfo, filename, location)
+        return self.download(TransactionInfo.files(transinfo), filename, location)
+
+    def download(
+        self,
+        files: Sequence[CartFile],
+        filename: str = "data",
+        location: str | os.PathLike[str] | None = None,
+    ) -> DownloadResult:
+        """Cart, wait, stream and verify ``files``; on failure nothing new stays on disk."""
+        target = self._location(location)
+        check_filename(filename)
+        started = self.clock()
+        cart_url = self.cart_api.setup_cart(as_yield_files(files))
+        self.progress.cart_created(cart_url, len(files))
+        try:
+            self.cart_api.wait_for_cart(cart_url, self.cart_timeout, self.progress.cart_status)
+            ready = self.clock()
+            extracted = self._download_from_url(cart_url, filename, files=files, location=target)
+        except DownloaderError as exc:
+            LOGGER.warning(
+                "download failed",
+                extra={"cart_url": cart_url, "error": type(exc).__name__, "detail": str(exc)},
+            )
+            raise
+        finally:
+            if self.delete_cart:
+                self.cart_api.delete_cart(cart_url)
+        result = DownloadResult(
+            location=target,
+            root=extracted.root,
+            files=extracted.files,
+            bytes=extracted.bytes,
+            cart_url=cart_url,
+            seconds=self.clock() - started,
+            staging_seconds=ready - started,
+        )
+        LOGGER.info(
+            "download finished",
+            extra={
+                "cart_url": cart_url,
+                "files": result.file_count,
+                "bytes": result.bytes,
+                "seconds": round(result.seconds, 4),
+            },
+        )
+        return result
+
+    def _download_from_url(
+        self,
+        cart_url: str,
+        filename: str,
+        files: Sequence[CartFile] | None = None,
+        location: str | os.PathLike[str] | None = None,
+    ) -> ExtractResult:
+        """Stream a ready cart into ``location/filename``.
+
+        With ``files`` the tar must hold exactly those files, each matching its checksum.
+        Without (the upstream call) any regular files under ``filename/`` are taken, unverified;
+        links, devices and paths escaping the target are refused all the same.
+        """
+        target = self._location(location)
+        with self.cart_api.open_cart(cart_url, filename) as stream:
+            return extract_cart(stream, target, filename, files, self.progress, self.chunk_size)
+
+    def _location(self, location: str | os.PathLike[str] | None) -> Path:
+        if location is not None:
+            return Path(location)
+        if self.location is None:
+            raise TypeError("no location: pass Downloader(location, ...) or location=...")
+        return self.location
+
+
+def _legacy_call(document: Any, filename: Any, location: Any) -> tuple[Mapping[str, Any], str, Any]:
+    """Map 0.4.1's ``method(location, document, filename)`` onto ours, by argument type."""
+    if isinstance(document, (str, os.PathLike)) and isinstance(filename, Mapping):
+        return filename, location if location is not None else "data", document
+    return document, filename, location

@@ -1,0 +1,137 @@
+"""The exception tree of the downloader, split by cause and by whether a retry can help.
+
+Every error the library raises is a :class:`DownloaderError`; nothing from ``requests``,
+``urllib3`` or ``tarfile`` escapes it. ``retryable`` tells a caller (or the webhook service,
+which turns it into an HTTP status) whether sending the same request again may succeed::
+
+    DownloaderError                      root; retryable = False unless noted
+    ├── InvalidInputError (ValueError)   the caller's document is wrong; never retryable
+    │   ├── InvalidEventError            a CloudEvent that cannot become a cart
+    │   │   ├── NoFilesError             ... because it names no files at all
+    │   │   ├── UnsupportedMediaTypeError  ... because it came in a media type we do not read
+    │   │   └── PayloadTooLargeError     ... because its body is over the limit
+    │   └── InvalidTransactionInfoError  a Policy transaction document, likewise
+    ├── CartError                        talking to Cartd
+    │   ├── CartFailedError              Cartd refused the cart or reported an error
+    │   ├── CartTimeoutError             not ready before the deadline    (retryable)
+    │   └── CartUnavailableError         connection trouble or a 5xx      (retryable)
+    ├── DownloadError                    fetching and writing the cart's tar
+    │   ├── DownloadInterruptedError     the stream broke off or stalled  (retryable)
+    │   ├── UnsafeArchiveError           a member we refuse to write
+    │   ├── IntegrityError               what landed is not what was asked for
+    │   │   ├── HashMismatchError        a file's checksum differs
+    │   │   └── MissingFileError         a requested file never arrived (retryable)
+    │   └── LocalStorageError            the disk refused (full, permissions) (retryable)
+    ├── PolicyUnavailableError           Pacifica Policy could not be asked   (retryable)
+    └── ServiceBusyError                 the webhook's workers are all taken  (retryable)
+"""
+
+from __future__ import annotations
+
+
+class DownloaderError(Exception):
+    """Root of every error raised by :mod:`downloader_service`."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, **context: object) -> None:
+        super().__init__(message)
+        self.message = message
+        # The context (url, cart_id, field, member, ...) is kept both as a dict, for logs and
+        # JSON replies, and as attributes, for callers that handle one kind of error.
+        self.context = dict(context)
+        for key, value in context.items():
+            setattr(self, key, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInputError(DownloaderError, ValueError):
+    """The input document cannot be turned into a cart; sending it again will not help."""
+
+
+class InvalidEventError(InvalidInputError):
+    """A CloudEvent is malformed or names files that cannot be downloaded safely."""
+
+
+class NoFilesError(InvalidEventError):
+    """A CloudEvent (or transaction) is well formed but lists no files."""
+
+
+class UnsupportedMediaTypeError(InvalidEventError):
+    """An HTTP request's ``Content-Type`` is not a CloudEvents mode we read."""
+
+
+class PayloadTooLargeError(InvalidEventError):
+    """An HTTP request's body is larger than the configured limit."""
+
+
+class InvalidTransactionInfoError(InvalidInputError):
+    """A Policy transaction-info document is malformed."""
+
+
+class CartError(DownloaderError):
+    """Cartd did not give us a cart to download."""
+
+
+class CartFailedError(CartError):
+    """Cartd rejected the cart or reported that staging it failed."""
+
+
+class CartTimeoutError(CartError):
+    """The cart was not ready before the deadline; it may be ready later."""
+
+    retryable = True
+
+
+class CartUnavailableError(CartError):
+    """Cartd could not be reached or answered with a server error."""
+
+    retryable = True
+
+
+class DownloadError(DownloaderError):
+    """The cart was ready but its content could not be written as asked."""
+
+
+class DownloadInterruptedError(DownloadError):
+    """The tar stream was cut short, stalled past the read timeout or was malformed."""
+
+    retryable = True
+
+
+class UnsafeArchiveError(DownloadError):
+    """The tar holds a member that would escape the target or was not requested."""
+
+
+class IntegrityError(DownloadError):
+    """What landed on disk does not match what the metadata promised."""
+
+
+class HashMismatchError(IntegrityError):
+    """A file's checksum differs from its ``hashsum``."""
+
+
+class MissingFileError(IntegrityError):
+    """A requested file was not in the cart's tar."""
+
+    retryable = True
+
+
+class LocalStorageError(DownloadError):
+    """Writing to the destination failed (disk full, permissions, a file in the way)."""
+
+    retryable = True
+
+
+class ServiceBusyError(DownloaderError):
+    """The webhook service has no free worker or queue slot; try again after a pause."""
+
+    retryable = True
+
+
+class PolicyUnavailableError(DownloaderError):
+    """Pacifica Policy could not be reached or did not answer with a transaction."""
+
+    retryable = True

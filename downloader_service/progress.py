@@ -1,0 +1,25 @@
+"""Hooks a caller implements to watch a download (the command line draws its bars with them)."""
+
+from __future__ import annotations
+
+
+class DownloadProgress:
+    """Receives progress events; every method is a no-op here, override what you need.
+
+    Methods are called from the downloading thread, so they must be quick.
+    """
+
+    def cart_created(self, cart_url: str, files: int) -> None:
+        """The cart was accepted by Cartd."""
+
+    def cart_status(self, status: str, message: str) -> None:
+        """A status poll answered (``staging``, ``ready``, ...)."""
+
+    def file_started(self, path: str, size: int) -> None:
+        """A file began to stream; ``size`` is what the tar header declares."""
+
+    def file_advanced(self, nbytes: int) -> None:
+        """``nbytes`` more bytes of the current file were written and hashed."""
+
+    def file_finished(self, path: str) -> None:
+        """The current file was written and its checksum matched."""

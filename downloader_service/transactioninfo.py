@@ -1,0 +1,75 @@
+"""Files from a Pacifica Policy transaction-info document (``files`` keyed by file id)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import requests
+
+from .cartfile import CartFile, YieldFiles, as_yield_files, collect_files
+from .errors import InvalidTransactionInfoError, PolicyUnavailableError
+
+
+class TransactionInfo:
+    """Turn ``GET /status/transactions/by_id/<id>`` output into the files of a cart."""
+
+    @staticmethod
+    def files(transinfo: Mapping[str, Any]) -> list[CartFile]:
+        """Validate the document and return its files, or raise an invalid-input error."""
+        files = transinfo.get("files") if isinstance(transinfo, Mapping) else None
+        if not isinstance(files, Mapping):
+            raise InvalidTransactionInfoError(
+                "transaction info must be an object whose 'files' maps file ids to files",
+                field="files",
+            )
+        return collect_files(_entries(files), InvalidTransactionInfoError, "transaction info")
+
+    @staticmethod
+    def yield_files(transinfo: Mapping[str, Any]) -> YieldFiles:
+        """Return a callable yielding the Cartd file objects of the transaction (upstream API)."""
+        return as_yield_files(TransactionInfo.files(transinfo))
+
+
+def _entries(files: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any, Any, Mapping[str, Any]]]:
+    for file_id, obj in files.items():
+        label = f"files[{file_id!r}]"
+        if not isinstance(obj, Mapping):
+            obj = {}
+        yield label, file_id, obj.get("name"), obj.get("subdir"), obj
+
+
+def fetch_transaction_info(
+    policy_url: str,
+    transaction_id: str,
+    session: requests.Session | None = None,
+    timeout: tuple[float, float] = (5.0, 60.0),
+) -> dict[str, Any]:
+    """``GET {policy_url}/status/transactions/by_id/{id}``: the document ``yield_files`` reads."""
+    if not str(transaction_id).isdigit():
+        raise InvalidTransactionInfoError(
+            f"a transaction id is a number, not {transaction_id!r}", field="transaction_id"
+        )
+    url = f"{policy_url.rstrip('/')}/status/transactions/by_id/{transaction_id}"
+    try:
+        with (session or requests.Session()).get(url, timeout=timeout) as resp:
+            if resp.status_code == 404:
+                raise InvalidTransactionInfoError(
+                    f"Policy knows no transaction {transaction_id} ({url})", field="transaction_id", url=url
+                )
+            if resp.status_code != 200:
+                raise PolicyUnavailableError(
+                    f"Policy answered {resp.status_code} {resp.reason} for {url}",
+                    url=url,
+                    status=resp.status_code,
+                )
+            doc = resp.json()
+    except requests.JSONDecodeError as exc:
+        raise PolicyUnavailableError(f"Policy's answer for {url} is not JSON: {exc}", url=url) from exc
+    except requests.RequestException as exc:
+        raise PolicyUnavailableError(f"cannot get {url}: {exc}", url=url) from exc
+    if not isinstance(doc, dict):
+        raise InvalidTransactionInfoError(
+            f"Policy's answer for {url} is not an object", field="files", url=url
+        )
+    return doc

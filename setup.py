@@ -1,0 +1,41 @@
+"""Packaging for the Pacifica downloader library, webhook service and command line."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pacifica-downloader-service",
+    version="0.5.0",
+    description="Download Pacifica archive data through Cartd: a library, a CloudEvents webhook and a CLI",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="LGPL-3.0-or-later",
+    python_requires=">=3.11",
+    packages=find_packages(include=["downloader_service", "downloader_service.*"]),
+    package_data={"downloader_service": ["py.typed"]},
+    install_requires=[
+        "requests>=2.31,<3",
+        "CherryPy>=18.9,<19",
+        # 2.x moved the HTTP bindings to cloudevents.core; 3.x may move them again.
+        "cloudevents>=2.2,<3",
+        "prometheus-client>=0.20,<1",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.2.0",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "types-requests==2.33.0.20261030",
+            "Werkzeug==3.1.9",
+            "PyYAML==6.0.3",
+            "types-PyYAML",
+        ],
+    },
+    entry_points={"console_scripts": ["downloader-service = downloader_service.cli:run"]},
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering",
+    ],
+)

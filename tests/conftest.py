@@ -1,0 +1,71 @@
+"""Shared fixtures: the fake Cartd, event builders and the real Pacifica stack."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakecartd import FakeCartd, sha1
+
+LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def load_fixture(name: str) -> Any:
+    """A fixture document: our copy in tests/fixtures (shared/ is not always beside a clone)."""
+    return json.loads((LOCAL_FIXTURES / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def notifications_event() -> dict[str, Any]:
+    """The verbatim upstream Notifications event (0.1; one file lacks ``_id``)."""
+    return load_fixture("notifications-event-0.1.json")
+
+
+def file_obj(file_id: int, name: str, subdir: str, data: bytes) -> dict[str, Any]:
+    """A ``destinationTable: Files`` metadata object for ``data``."""
+    return {
+        "_id": file_id,
+        "destinationTable": "Files",
+        "name": name,
+        "subdir": subdir,
+        "hashtype": "sha1",
+        "hashsum": sha1(data),
+        "size": len(data),
+        "mimetype": "application/octet-stream",
+    }
+
+
+def make_event(files: list[dict[str, Any]], version: str = "0.1", event_id: str = "ev-1") -> dict[str, Any]:
+    """A Notifications ingest event with ``files`` in ``data``, in 0.1 or 1.0 attribute names."""
+    data = [{"destinationTable": "Transactions._id", "value": 1234}, *copy.deepcopy(files)]
+    if version == "0.1":
+        return {
+            "cloudEventsVersion": "0.1",
+            "eventID": event_id,
+            "eventType": "org.pacifica.metadata.ingest",
+            "source": "/pacifica/metadata/ingest",
+            "eventTime": "2018-04-05T17:31:00Z",
+            "contentType": "application/json",
+            "extensions": {},
+            "data": data,
+        }
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "type": "org.pacifica.metadata.ingest",
+        "source": "/pacifica/metadata/ingest",
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+@pytest.fixture
+def fake_cartd() -> Iterator[FakeCartd]:
+    fake = FakeCartd().start()
+    yield fake
+    fake.stop()

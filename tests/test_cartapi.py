@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from downloader_service import (
+    CartAPI,
+    CartFailedError,
+    CartTimeoutError,
+    CartUnavailableError,
+    DownloadInterruptedError,
+    InvalidInputError,
+)
+from downloader_service.cartfile import CartdFile
+from tests.fakecartd import Cart, FakeCartd, closed_port, sha1
+
+
+class FakeClock:
+    """A monotonic clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+
+
+def one_file() -> list[CartdFile]:
+    return [{"id": "1", "path": "x.txt", "hashtype": "sha1", "hashsum": sha1(b"x")}]
+
+
+def test_setup_cart_posts_fileids_and_returns_cart_url(fake_cartd: FakeCartd) -> None:
+    api = CartAPI(fake_cartd.url + "/")
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    uid = cart_url.rsplit("/", 1)[1]
+    assert cart_url == f"{fake_cartd.url}/{uid}"
+    assert fake_cartd.carts[uid].fileids == one_file()
+
+
+def test_setup_cart_validates_what_yield_files_yields(fake_cartd: FakeCartd) -> None:
+    bad = [{"id": "1", "path": "../x", "hashtype": "sha1", "hashsum": sha1(b"x")}]
+    with pytest.raises(InvalidInputError, match=r"'\.\.'"):
+        CartAPI(fake_cartd.url).setup_cart(lambda: iter(bad))
+    assert fake_cartd.requests == []
+
+
+@pytest.mark.parametrize(("status", "error"), [(400, CartFailedError), (503, CartUnavailableError)])
+def test_setup_cart_refused_raises_with_message(fake_cartd: FakeCartd, status: int, error: type) -> None:
+    fake_cartd.post_status = status
+    with pytest.raises(error, match="Cart Processing has begun") as info:
+        CartAPI(fake_cartd.url).setup_cart(lambda: iter(one_file()))
+    assert info.value.status == status
+
+
+def test_setup_cart_unreachable_is_retryable_unavailable() -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(CartUnavailableError, match="cannot reach Cartd") as info:
+        CartAPI(url).setup_cart(lambda: iter(one_file()))
+    assert info.value.retryable
+    assert info.value.url.startswith(url)
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+def test_wait_for_cart_backs_off_from_fast_polls(fake_cartd: FakeCartd) -> None:
+    fake_cartd.head = lambda cart: (204, "ready", "") if cart.heads > 12 else (202, "staging", "")
+    clock = FakeClock()
+    api = CartAPI(fake_cartd.url, clock=clock, sleep=clock.sleep)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    seen: list[str] = []
+    assert api.wait_for_cart(cart_url, on_status=lambda status, _msg: seen.append(status)) == cart_url
+    assert clock.sleeps[:4] == [0.01, 0.015, 0.0225, 0.03375]
+    assert max(clock.sleeps) == 0.5
+    assert len(clock.sleeps) == 12
+    assert seen == ["staging"] * 12 + ["ready"]
+
+
+def test_wait_for_cart_error_raises_cartd_message(fake_cartd: FakeCartd) -> None:
+    fake_cartd.head = lambda cart: (500, "error", "hashsum mismatch for file 1")
+    api = CartAPI(fake_cartd.url)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    with pytest.raises(CartFailedError, match="hashsum mismatch for file 1") as info:
+        api.wait_for_cart(cart_url)
+    assert info.value.cartd_message == "hashsum mismatch for file 1"
+    assert not info.value.retryable
+
+
+def test_wait_for_cart_never_ready_times_out_at_deadline(fake_cartd: FakeCartd) -> None:
+    fake_cartd.head = lambda cart: (202, "staging", "")
+    clock = FakeClock()
+    api = CartAPI(fake_cartd.url, clock=clock, sleep=clock.sleep)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    with pytest.raises(CartTimeoutError, match="not ready within 3 s") as info:
+        api.wait_for_cart(cart_url, timeout=3)
+    assert info.value.retryable
+    assert sum(clock.sleeps) == pytest.approx(3.0)
+
+
+def test_wait_for_cart_unknown_cart_fails_at_once(fake_cartd: FakeCartd) -> None:
+    with pytest.raises(CartFailedError, match="404"):
+        CartAPI(fake_cartd.url).wait_for_cart(f"{fake_cartd.url}/nope", timeout=5)
+
+
+def test_requests_carry_upstream_auth_dict(fake_cartd: FakeCartd) -> None:
+    session = requests.Session()
+    sent: list[requests.PreparedRequest] = []
+    session.hooks["response"].append(lambda resp, **_kw: sent.append(resp.request))
+    api = CartAPI(fake_cartd.url, session=session, auth={"auth": ("user", "pw"), "headers": {"X-Test": "1"}})
+    api.wait_for_cart(api.setup_cart(lambda: iter(one_file())))
+    assert [r.method for r in sent] == ["POST", "HEAD"]
+    assert all(r.headers["Authorization"].startswith("Basic ") for r in sent)
+    assert all(r.headers["X-Test"] == "1" for r in sent)
+    assert sent[0].headers["Content-Type"] == "application/json"
+    assert json.loads(sent[0].body or b"{}")["fileids"] == one_file()  # type: ignore[arg-type]
+
+
+def test_plain_auth_tuple_is_accepted(fake_cartd: FakeCartd) -> None:
+    assert CartAPI(fake_cartd.url, auth=("u", "p")).auth == {"auth": ("u", "p")}
+
+
+def test_unknown_kwargs_are_an_error() -> None:
+    with pytest.raises(TypeError, match="colour"):
+        CartAPI("http://127.0.0.1:1", colour="red")
+
+
+def test_open_cart_read_timeout_becomes_interrupted(fake_cartd: FakeCartd) -> None:
+    import time
+
+    def stall(cart: Cart, filename: str):  # type: ignore[no-untyped-def]
+        yield b"x" * 100
+        time.sleep(1.0)
+        yield b"y"
+
+    fake_cartd.body = stall
+    api = CartAPI(fake_cartd.url, read_timeout=0.2)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+
+    def drain() -> None:
+        with api.open_cart(cart_url) as stream:
+            while stream.read(50):
+                pass
+
+    with pytest.raises(DownloadInterruptedError, match="after 100 bytes"):
+        drain()
+
+
+def test_open_cart_error_status_raises(fake_cartd: FakeCartd) -> None:
+    api = CartAPI(fake_cartd.url)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    fake_cartd.get_status = 503
+    with pytest.raises(CartUnavailableError, match="503"), api.open_cart(cart_url):
+        pass
+
+
+def test_delete_cart_reports_success_and_swallows_failure(fake_cartd: FakeCartd) -> None:
+    api = CartAPI(fake_cartd.url)
+    assert api.delete_cart(f"{fake_cartd.url}/abc")
+    assert fake_cartd.deleted == ["abc"]
+    assert not CartAPI(f"http://127.0.0.1:{closed_port()}").delete_cart(f"http://127.0.0.1:{closed_port()}/x")
+
+
+def test_default_url_comes_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARTD_URL", "http://cartd.example:9000/")
+    assert CartAPI().cart_api_url == "http://cartd.example:9000"
+    monkeypatch.delenv("CARTD_URL")
+    assert CartAPI().cart_api_url == "http://127.0.0.1:8081"

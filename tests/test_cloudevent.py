@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from downloader_service import CartFile, CloudEvent, InvalidEventError, NoFilesError
+from downloader_service.cartfile import join_cart_path
+from tests.conftest import file_obj, make_event
+
+
+@pytest.mark.parametrize(
+    ("subdir", "name", "path"),
+    [
+        ("a/b/", "foo.txt", "a/b/foo.txt"),
+        ("a/b", "foo.txt", "a/b/foo.txt"),
+        ("", "foo.txt", "foo.txt"),
+        ("a//b/./", "foo.txt", "a/b/foo.txt"),
+        (
+            "data/a/c",
+            "パソコン資産管理台帳（S&T HK）_現地調達PC.xls",
+            "data/a/c/パソコン資産管理台帳（S&T HK）_現地調達PC.xls",
+        ),
+        ("x", "dir/name.txt", "x/dir/name.txt"),
+    ],
+)
+def test_join_cart_path_normalises(subdir: str, name: str, path: str) -> None:
+    assert join_cart_path(subdir, name) == path
+
+
+@pytest.mark.parametrize(
+    ("subdir", "name", "why"),
+    [
+        ("../etc", "passwd", "'..'"),
+        ("a", "..", "'..'"),
+        ("a/../..", "x", "'..'"),
+        ("/etc", "passwd", "absolute"),
+        ("", "/etc/passwd", "absolute"),
+        ("a", "b\x00c", "NUL"),
+        ("./", ".", "empty"),
+    ],
+)
+def test_join_cart_path_refuses_unsafe(subdir: str, name: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        join_cart_path(subdir, name)
+
+
+def test_yield_files_of_upstream_fixture_names_the_file_without_id(
+    notifications_event: dict[str, Any],
+) -> None:
+    with pytest.raises(InvalidEventError) as info:
+        CloudEvent.yield_files(notifications_event)
+    assert info.value.object == "data[9]"
+    assert info.value.field == "_id"
+    assert "C234-1234-1234" in str(info.value)
+    assert not info.value.retryable
+
+
+def test_yield_files_of_fixture_with_ids_gives_normalised_cartd_objects(
+    notifications_event: dict[str, Any],
+) -> None:
+    notifications_event["data"][9]["_id"] = 36
+    files = list(CloudEvent.yield_files(notifications_event)())
+    assert files == [
+        {
+            "id": "34",
+            "path": "a/b/foo.txt",
+            "hashtype": "sha1",
+            "hashsum": "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15",
+        },
+        {
+            "id": "35",
+            "path": "a/b/bar.txt",
+            "hashtype": "sha1",
+            "hashsum": "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15",
+        },
+        {
+            "id": "36",
+            "path": "data/a/c/パソコン資産管理台帳（S&T HK）_現地調達PC.xls",
+            "hashtype": "sha1",
+            "hashsum": "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15",
+        },
+    ]
+
+
+def test_yield_files_takes_cloudevents_1_0_form() -> None:
+    event = make_event([file_obj(7, "x.bin", "", b"x")], version="1.0")
+    assert [f["path"] for f in CloudEvent.yield_files(event)()] == ["x.bin"]
+
+
+def test_yield_files_can_be_called_twice() -> None:
+    yield_files = CloudEvent.yield_files(make_event([file_obj(7, "x.bin", "d", b"x")]))
+    assert list(yield_files()) == list(yield_files())
+
+
+def test_files_reports_every_problem_at_once() -> None:
+    bad = [
+        file_obj(1, "ok.txt", "", b"1"),
+        {**file_obj(2, "a.txt", "../up", b"2")},
+        {**file_obj(3, "b.txt", "", b"3"), "hashtype": "crc32"},
+        {**file_obj(4, "c.txt", "", b"4"), "hashsum": "abc"},
+        {**file_obj(5, "", "", b"5")},
+    ]
+    with pytest.raises(InvalidEventError) as info:
+        CloudEvent.files(make_event(bad))
+    message = str(info.value)
+    assert info.value.object == "data[2] (_id 2)"
+    assert info.value.field == "path"
+    for fragment in ("'..'", "crc32", "sha1 hex digest", "data[5] (_id 5): name is"):
+        assert fragment in message
+
+
+def test_files_refuses_two_files_on_one_path() -> None:
+    with pytest.raises(InvalidEventError, match="repeats the path"):
+        CloudEvent.files(make_event([file_obj(1, "a", "d/", b"1"), file_obj(2, "a", "d", b"2")]))
+
+
+def test_files_without_files_is_its_own_error() -> None:
+    with pytest.raises(NoFilesError) as info:
+        CloudEvent.files(make_event([]))
+    assert isinstance(info.value, InvalidEventError)
+    assert "lists no files" in str(info.value)
+
+
+@pytest.mark.parametrize("data", [None, "[]", {"a": 1}])
+def test_files_refuses_data_that_is_not_a_list(data: object) -> None:
+    event = make_event([])
+    event["data"] = data
+    with pytest.raises(InvalidEventError, match="data must be a list") as info:
+        CloudEvent.files(event)
+    assert info.value.field == "data"
+
+
+def test_files_refuses_a_non_object() -> None:
+    with pytest.raises(InvalidEventError, match="JSON object"):
+        CloudEvent.files([1, 2])  # type: ignore[arg-type]
+
+
+def test_files_accepts_uppercase_hashes_and_string_ids() -> None:
+    obj = {**file_obj(9, "f", "", b"z"), "_id": "9"}
+    obj["hashsum"] = obj["hashsum"].upper()
+    obj["hashtype"] = "SHA1"
+    (file,) = CloudEvent.files(make_event([obj]))
+    assert file == CartFile("9", "f", "sha1", obj["hashsum"].lower())
+
+
+@pytest.mark.parametrize("bad_id", [True, -1, "12/../3", 1.5, ""])
+def test_files_refuses_ids_that_are_not_file_ids(bad_id: object) -> None:
+    with pytest.raises(InvalidEventError, match="_id is not a file id"):
+        CloudEvent.files(make_event([{**file_obj(1, "f", "", b"z"), "_id": bad_id}]))

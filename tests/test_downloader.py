@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from downloader_service import (
+    CartFailedError,
+    CartTimeoutError,
+    CartUnavailableError,
+    Downloader,
+    DownloadInterruptedError,
+    DownloadResult,
+    HashMismatchError,
+    NoFilesError,
+    UnsafeArchiveError,
+)
+from tests.conftest import file_obj, make_event
+from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after, sha1
+
+FOO = b"foo\n" * 5000
+BAR = b"bar\n"
+
+
+@pytest.fixture
+def event(fake_cartd: FakeCartd) -> dict[str, Any]:
+    fake_cartd.add(34, FOO)
+    fake_cartd.add(35, BAR)
+    return make_event([file_obj(34, "foo.txt", "a/b/", FOO), file_obj(35, "bar.txt", "", BAR)])
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_cloudevent_downloads_verified_files_and_deletes_cart(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    result = Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(event)
+    assert isinstance(result, DownloadResult)
+    assert (tmp_path / "dl/data/a/b/foo.txt").read_bytes() == FOO
+    assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
+    assert listing(tmp_path / "dl") == ["data", "data/a", "data/a/b", "data/a/b/foo.txt", "data/bar.txt"]
+    assert result.file_count == 2 and result.bytes == len(FOO) + len(BAR)
+    assert result.root == tmp_path / "dl/data"
+    uid = result.cart_url.rsplit("/", 1)[1]
+    assert fake_cartd.deleted == [uid]
+    assert result.as_dict()["files"] == [
+        str(tmp_path / "dl/data/a/b/foo.txt"),
+        str(tmp_path / "dl/data/bar.txt"),
+    ]
+
+
+def test_cloudevent_with_filename_puts_files_under_it(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    Downloader(tmp_path, fake_cartd.url).cloudevent(event, filename="run-7")
+    assert (tmp_path / "run-7/bar.txt").read_bytes() == BAR
+    assert fake_cartd.requests[-2][1].endswith("?filename=run-7")
+
+
+def test_transactioninfo_downloads(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    fake_cartd.add(34, FOO)
+    doc = {"files": {"34": {"name": "foo.txt", "subdir": "a", "hashtype": "sha1", "hashsum": sha1(FOO)}}}
+    Downloader(tmp_path, fake_cartd.url).transactioninfo(doc)
+    assert (tmp_path / "data/a/foo.txt").read_bytes() == FOO
+
+
+def test_legacy_0_4_1_call_style_works(tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]) -> None:
+    downloader = Downloader(fake_cartd.url)
+    downloader.cloudevent(str(tmp_path / "one"), event)
+    downloader.cloudevent(tmp_path / "two", event, "other")
+    assert (tmp_path / "one/data/bar.txt").read_bytes() == BAR
+    assert (tmp_path / "two/other/bar.txt").read_bytes() == BAR
+
+
+def test_download_without_location_is_a_type_error(fake_cartd: FakeCartd, event: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match="no location"):
+        Downloader(cart_api_url=fake_cartd.url).cloudevent(event)
+
+
+def test_keep_cart_when_asked(tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]) -> None:
+    Downloader(tmp_path, fake_cartd.url, delete_cart=False).cloudevent(event)
+    assert fake_cartd.deleted == []
+
+
+def test_invalid_event_touches_neither_cartd_nor_disk(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    with pytest.raises(NoFilesError):
+        Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(make_event([]))
+    assert fake_cartd.requests == []
+    assert not (tmp_path / "dl").exists()
+
+
+def test_download_from_url_without_files_is_unverified(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    fake_cartd.add(1, b"one")
+    fake_cartd.carts["c1"] = Cart("c1", [{"id": "1", "path": "x/one.txt"}])
+    downloader = Downloader(tmp_path, fake_cartd.url)
+    result = downloader._download_from_url(f"{fake_cartd.url}/c1", "data")
+    assert (tmp_path / "data/x/one.txt").read_bytes() == b"one"
+    assert result.files == (tmp_path / "data/x/one.txt",)
+
+
+def failing(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any], error: type[Exception], **kwargs: Any
+) -> pytest.ExceptionInfo[Exception]:
+    with pytest.raises(error) as info:
+        Downloader(tmp_path / "dl", fake_cartd.url, **kwargs).cloudevent(event)
+    leftovers = listing(tmp_path / "dl") if (tmp_path / "dl").exists() else []
+    assert leftovers == [], leftovers
+    return info
+
+
+def test_cart_error_is_reported_and_cart_deleted(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    fake_cartd.head = lambda cart: (500, "error", "archive interface said 404 for file 34")
+    info = failing(tmp_path, fake_cartd, event, CartFailedError)
+    assert "archive interface said 404" in str(info.value)
+    assert len(fake_cartd.deleted) == 1
+
+
+def test_cart_never_ready_times_out(tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]) -> None:
+    fake_cartd.head = lambda cart: (202, "staging", "")
+    failing(tmp_path, fake_cartd, event, CartTimeoutError, cart_timeout=0.3)
+    assert len(fake_cartd.deleted) == 1
+
+
+def test_cartd_down_is_unavailable(tmp_path: Path, event: dict[str, Any]) -> None:
+    with pytest.raises(CartUnavailableError):
+        Downloader(tmp_path / "dl", f"http://127.0.0.1:{closed_port()}").cloudevent(event)
+    assert not (tmp_path / "dl").exists()
+
+
+def test_connection_closed_mid_file_leaves_nothing(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    fake_cartd.body = lambda cart, name: cut_after(cart_tar(cart.fileids, fake_cartd.contents, name), 3000)
+    info = failing(tmp_path, fake_cartd, event, DownloadInterruptedError)
+    assert info.value.retryable
+
+
+def test_clean_end_of_stream_mid_file_leaves_nothing(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    fake_cartd.body = lambda cart, name: [cart_tar(cart.fileids, fake_cartd.contents, name)[:5000]]
+    failing(tmp_path, fake_cartd, event, DownloadInterruptedError)
+
+
+def test_flipped_byte_is_caught(tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]) -> None:
+    fake_cartd.contents["34"] = FOO[:-1] + b"X"
+    info = failing(tmp_path, fake_cartd, event, HashMismatchError)
+    assert info.value.path == "a/b/foo.txt"
+
+
+def test_hostile_tar_from_cartd_is_refused(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    evil = build_tar(
+        [Member("data/a", type=tarfile.SYMTYPE, linkname=str(tmp_path)), Member("data/a/x", b"x")]
+    )
+    fake_cartd.body = lambda cart, name: [evil]
+    failing(tmp_path, fake_cartd, event, UnsafeArchiveError)
+    assert not (tmp_path / "x").exists()
