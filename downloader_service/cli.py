@@ -1,0 +1,322 @@
+"""The ``downloader-service`` command: ``serve`` the webhook, or ``download`` for people."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
+from .cloudevent import CloudEvent
+from .downloader import Downloader, DownloadResult
+from .errors import (
+    CartError,
+    CartTimeoutError,
+    DownloaderError,
+    DownloadInterruptedError,
+    IntegrityError,
+    InvalidInputError,
+    LocalStorageError,
+    PolicyUnavailableError,
+    UnsafeArchiveError,
+)
+from .progress import DownloadProgress
+from .settings import describe, settings_from_env
+from .transactioninfo import TransactionInfo, fetch_transaction_info
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_POLICY_URL = "http://127.0.0.1:8181"
+
+# Exit codes, documented in README and --help. The first matching class wins.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 3, 4, 5
+EXIT_UNSAFE, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_STORAGE = 6, 7, 8, 9
+EXIT_CANCELLED = 130
+EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (InvalidInputError, EXIT_INVALID),
+    (CartTimeoutError, EXIT_TIMEOUT),
+    (CartError, EXIT_UNAVAILABLE),
+    (PolicyUnavailableError, EXIT_UNAVAILABLE),
+    (UnsafeArchiveError, EXIT_UNSAFE),
+    (IntegrityError, EXIT_INTEGRITY),
+    (DownloadInterruptedError, EXIT_INTERRUPTED),
+    (LocalStorageError, EXIT_STORAGE),
+)
+EXIT_HELP = f"""exit codes:
+  {EXIT_OK}    the files are on disk and verified
+  {EXIT_USAGE}    wrong command-line usage
+  {EXIT_INVALID}    invalid input: the event or transaction file, or a field in it
+  {EXIT_UNAVAILABLE}    Cartd (or Policy) failed the cart or could not be reached
+  {EXIT_TIMEOUT}    the cart was not ready before --timeout
+  {EXIT_UNSAFE}    the cart's tar held a member that was refused (link, device, '..', unrequested)
+  {EXIT_INTEGRITY}    a file failed its checksum, or a requested file was missing
+  {EXIT_INTERRUPTED}    the download broke off or stalled
+  {EXIT_STORAGE}    the destination could not be written
+  {EXIT_CANCELLED}  interrupted by Ctrl-C (nothing half-written is left)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    code: int = args.run(args)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree, with ``--help`` on every level."""
+    parser = argparse.ArgumentParser(
+        prog="downloader-service",
+        description="Get data out of a Pacifica archive: run the CloudEvents webhook, or download by hand.",
+        epilog="examples:\n  downloader-service serve --port 8080\n"
+        "  downloader-service download event event.json ./here\n"
+        "  downloader-service download transaction 67 ./here --policy-url http://policy:8181",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_serve(commands)
+    _add_download(commands)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    table = "\n".join(
+        f"  {env:<28} {default or '(empty)':<32} {meaning}" for env, default, meaning in describe()
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="run the webhook service",
+        description="Run the CloudEvents webhook: POST an event to /, files land under the download root.",
+        epilog=f"environment (options win over it):\n{table}\n\nexample:\n"
+        "  CARTD_URL=http://cartd:8081 downloader-service serve --host 0.0.0.0 --port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--host", help="address to listen on (DOWNLOADER_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT, default 8080)")
+    serve.add_argument("--cart-url", dest="cartd_url", help="Cartd's cart API URL (CARTD_URL)")
+    serve.add_argument("--download-root", help="where downloads go (DOWNLOADER_ROOT, default $TMPDIR)")
+    serve.set_defaults(run=_serve)
+
+
+def _add_download(commands: Any) -> None:
+    download = commands.add_parser(
+        "download",
+        help="download an event's or a transaction's files",
+        description="Download the files of a CloudEvent or a Pacifica transaction, verified, into DEST.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    kinds = download.add_subparsers(title="what to download", metavar="KIND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cart-url",
+        default=os.environ.get("CARTD_URL", DEFAULT_CART_API_URL),
+        help="Cartd's cart API URL (default: $CARTD_URL or %(default)s)",
+    )
+    common.add_argument(
+        "--filename", default="data", help="directory under DEST for the files (default: data)"
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CART_TIMEOUT,
+        help="seconds to wait for the cart to be staged (default: %(default)g)",
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary line")
+    common.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
+
+    event = kinds.add_parser(
+        "event",
+        parents=[common],
+        help="the files a saved CloudEvent lists",
+        description="Download the files listed in a saved CloudEvent (0.1 or 1.0 JSON).",
+        epilog="examples:\n  downloader-service download event event.json ./here\n"
+        "  curl -s http://notifier/last | downloader-service download event - ./here --json\n\n" + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    event.add_argument(
+        "event_file", metavar="EVENT_FILE", help="the event's JSON file, or - for standard input"
+    )
+    event.add_argument(
+        "dest", metavar="DEST", type=Path, help="directory to download into (created if missing)"
+    )
+    event.set_defaults(run=_download_event)
+
+    transaction = kinds.add_parser(
+        "transaction",
+        parents=[common],
+        help="the files of a Pacifica transaction",
+        description="Download a transaction's files; the file list comes from Pacifica Policy "
+        "(GET {policy}/status/transactions/by_id/ID) or from --from-file.",
+        epilog="examples:\n  downloader-service download transaction 67 ./here --policy-url http://policy:8181\n"
+        "  downloader-service download transaction 67 ./here --from-file transaction-67.json\n\n" + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    transaction.add_argument("transaction_id", metavar="ID", help="the transaction id")
+    transaction.add_argument(
+        "dest", metavar="DEST", type=Path, help="directory to download into (created if missing)"
+    )
+    transaction.add_argument(
+        "--policy-url",
+        default=os.environ.get("POLICY_URL", DEFAULT_POLICY_URL),
+        help="Pacifica Policy's URL (default: $POLICY_URL or %(default)s)",
+    )
+    transaction.add_argument(
+        "--from-file", type=Path, help="a saved transaction-info JSON document instead of Policy"
+    )
+    transaction.set_defaults(run=_download_transaction)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    try:
+        settings = settings_from_env(
+            host=args.host, port=args.port, cartd_url=args.cartd_url, download_root=args.download_root
+        )
+    except ValueError as exc:
+        print(f"downloader-service: bad setting: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    serve(settings)
+    return EXIT_OK
+
+
+def _download_event(args: argparse.Namespace) -> int:
+    def files() -> Any:
+        return CloudEvent.files(_read_json(args.event_file, "event"))
+
+    return _download(args, files)
+
+
+def _download_transaction(args: argparse.Namespace) -> int:
+    def files() -> Any:
+        if args.from_file is not None:
+            doc = _read_json(str(args.from_file), "transaction info")
+        else:
+            doc = fetch_transaction_info(args.policy_url, args.transaction_id)
+        return TransactionInfo.files(doc)
+
+    return _download(args, files)
+
+
+def _read_json(source: str, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read the {what} file {source}: {exc.strerror}", field="file"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"the {what} file {source} is not UTF-8 text", field="file") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        name = "standard input" if source == "-" else source
+        raise InvalidInputError(f"the {what} in {name} is not valid JSON: {exc}", field="file") from exc
+
+
+def _download(args: argparse.Namespace, files: Any) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, stream=sys.stderr)
+    show = not args.quiet and sys.stderr.isatty()
+    progress = TerminalProgress(sys.stderr) if show else DownloadProgress()
+    downloader = Downloader(args.dest, args.cart_url, cart_timeout=args.timeout, progress=progress)
+    try:
+        result = downloader.download(files(), args.filename)
+    except KeyboardInterrupt:
+        _close(progress)
+        print("downloader-service: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return EXIT_CANCELLED
+    except DownloaderError as exc:
+        _close(progress)
+        print(f"downloader-service: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    _close(progress)
+    _report(result, args)
+    return EXIT_OK
+
+
+def exit_code(exc: Exception) -> int:
+    """The documented exit code for an error."""
+    return next((code for cls, code in EXIT_CODES if isinstance(exc, cls)), EXIT_ERROR)
+
+
+def _report(result: DownloadResult, args: argparse.Namespace) -> None:
+    if args.json:
+        summary = {
+            "destination": str(result.root),
+            "files": result.file_count,
+            "bytes": result.bytes,
+            "seconds": round(result.seconds, 3),
+            "cart_url": result.cart_url,
+        }
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print(f"{result.file_count} files, {result.bytes} bytes in {result.seconds:.2f} s -> {result.root}")
+
+
+def _close(progress: DownloadProgress) -> None:
+    if isinstance(progress, TerminalProgress):
+        progress.close()
+
+
+class TerminalProgress(DownloadProgress):
+    """A status line while Cartd stages the cart, then a tqdm byte bar naming the file."""
+
+    def __init__(self, stream: TextIO) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.stream = stream
+        self.files = 0
+        self.total_files = 0
+        self.status: Any = None
+        self.bar: Any = None
+
+    def cart_created(self, cart_url: str, files: int) -> None:
+        self.total_files = files
+        self.status = self._tqdm(
+            total=None, desc=f"staging cart ({files} files)", bar_format="{desc} {elapsed}", file=self.stream
+        )
+
+    def cart_status(self, status: str, message: str) -> None:
+        if self.status is not None:
+            self.status.set_description_str(f"cart {status or '...'}: {message}"[:70])
+            self.status.update(0)
+
+    def file_started(self, path: str, size: int) -> None:
+        if self.status is not None:
+            self.status.close()
+            self.status = None
+        if self.bar is None:
+            self.bar = self._tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=self.stream, miniters=1)
+        self.files += 1
+        self.bar.set_description_str(f"[{self.files}/{self.total_files}] {path}"[-60:])
+
+    def file_advanced(self, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        """Close whatever bar is open."""
+        for bar in (self.status, self.bar):
+            if bar is not None:
+                bar.close()
+        self.status = self.bar = None
+
+
+def run() -> None:
+    """The console-script entry point."""
+    sys.exit(main())

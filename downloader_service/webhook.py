@@ -1,0 +1,199 @@
+"""CloudEvents over HTTP, read at the edge into our own immutable :class:`ReceivedEvent`.
+
+Takes what Pacifica Notifications really sends (a CloudEvents 0.1 JSON object as
+``application/json``, mapped to 1.0 attributes) and the 1.0 structured, binary and batch
+modes. Every event is validated by the ``cloudevents`` SDK; its exceptions stop here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_structured_event
+from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValidationError
+from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
+
+from .errors import InvalidEventError, UnsupportedMediaTypeError
+
+STRUCTURED: Final = "application/cloudevents+json"
+BATCH: Final = "application/cloudevents-batch+json"
+PLAIN_JSON: Final = frozenset({"application/json", "text/json"})
+MEDIA_TYPES: Final = (STRUCTURED, BATCH, "application/json", "ce-* headers (binary mode)")
+
+# CloudEvents 0.1 attribute -> 1.0 attribute (extensions are handled apart).
+_V01_ATTRIBUTES: Final = {
+    "eventID": "id",
+    "eventType": "type",
+    "source": "source",
+    "eventTime": "time",
+    "contentType": "datacontenttype",
+    "schemaURL": "dataschema",
+}
+_CORE_ATTRIBUTES: Final = frozenset(
+    {"id", "source", "type", "specversion", "time", "datacontenttype", "dataschema", "subject", "data"}
+)
+_NOT_EXTENSION_CHARS = re.compile(r"[^a-z0-9]")
+# The SDK fills in a missing ``id`` (a fresh uuid) and ``specversion``: a sender that forgot
+# them must hear so, and duplicate detection needs the sender's own id.
+_REQUIRED: Final = ("id", "source", "type", "specversion")
+
+
+@dataclass(frozen=True)
+class ReceivedEvent:
+    """One validated CloudEvent: its identity and its ``data``, nothing from the SDK."""
+
+    id: str
+    source: str
+    type: str
+    mode: str  # "notifications-0.1", "structured", "binary" or "batch"
+    data: Any
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes two deliveries the same event (CloudEvents: ``source`` + ``id``)."""
+        return (self.source, self.id)
+
+    def document(self) -> dict[str, Any]:
+        """The event as the library's ``CloudEvent.files`` reads it."""
+        return {"id": self.id, "source": self.source, "type": self.type, "data": self.data}
+
+
+def media_type(content_type: str) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent]:
+    """Read one HTTP request into its events (several only in batch mode).
+
+    Raises :class:`UnsupportedMediaTypeError` for a media type we do not read and
+    :class:`InvalidEventError`, naming the attribute, for anything malformed.
+    """
+    lowered = {key.lower(): value for key, value in headers.items()}
+    media = media_type(lowered.get("content-type", ""))
+    if any(key.startswith("ce-") for key in lowered):
+        _require(lowered, "ce-", "header")
+        return [_sdk_event(lambda: from_binary_event(HTTPMessage(lowered, body)), "binary")]
+    if media == STRUCTURED:
+        return [_structured(body, "structured")]
+    if media == BATCH:
+        return _batch(body)
+    if media in PLAIN_JSON:
+        return [_plain_json(body)]
+    raise UnsupportedMediaTypeError(
+        f"media type {media or '(none)'!r} is not a CloudEvents HTTP mode; send one of "
+        + ", ".join(MEDIA_TYPES),
+        field="content-type",
+    )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidEventError(f"the body is not UTF-8: {exc}", field="body") from exc
+    except ValueError as exc:
+        raise InvalidEventError(f"the body is not valid JSON: {exc}", field="body") from exc
+
+
+def _structured(body: bytes, mode: str) -> ReceivedEvent:
+    doc = _json(body)
+    if not isinstance(doc, dict):
+        raise InvalidEventError(
+            f"a structured CloudEvent is a JSON object, not a {type(doc).__name__}", field="body"
+        )
+    _require(doc, "", "attribute")
+    return _sdk_event(lambda: from_structured_event(HTTPMessage({"content-type": STRUCTURED}, body)), mode)
+
+
+def _batch(body: bytes) -> list[ReceivedEvent]:
+    docs = _json(body)
+    if not isinstance(docs, list) or not docs:
+        raise InvalidEventError("a CloudEvents batch is a non-empty JSON array of events", field="body")
+    events = []
+    for index, doc in enumerate(docs):
+        try:
+            events.append(_structured(json.dumps(doc).encode(), "batch"))
+        except InvalidEventError as exc:
+            raise InvalidEventError(f"batch[{index}]: {exc}", index=index, **exc.context) from exc
+    return events
+
+
+def _plain_json(body: bytes) -> ReceivedEvent:
+    """``application/json``: Notifications' 0.1 events, or a 1.0 event a sender mislabelled."""
+    doc = _json(body)
+    if isinstance(doc, dict) and "cloudEventsVersion" in doc:
+        return _sdk_event(lambda: _from_v01(doc), "notifications-0.1")
+    if isinstance(doc, dict) and "specversion" in doc:
+        return _structured(body, "structured")
+    raise InvalidEventError(
+        "not a CloudEvent: an application/json body must be an object with 'specversion' (1.0) "
+        "or 'cloudEventsVersion' (0.1, as Pacifica Notifications sends)",
+        field="specversion",
+    )
+
+
+def _require(attributes: Mapping[str, Any], prefix: str, what: str) -> None:
+    missing = [name for name in _REQUIRED if f"{prefix}{name}" not in attributes]
+    if missing:
+        names = ", ".join(f"{prefix}{name}" for name in missing)
+        raise InvalidEventError(f"invalid CloudEvent: missing required {what}(s) {names}", field=missing[0])
+
+
+def _from_v01(doc: dict[str, Any]) -> SDKCloudEvent:
+    """Map a CloudEvents 0.1 object onto 1.0 attributes and let the SDK validate them."""
+    missing = [name for name in ("eventID", "eventType", "source") if name not in doc]
+    if missing:
+        raise InvalidEventError(
+            "invalid CloudEvents 0.1 event: missing " + ", ".join(missing),
+            field=_V01_ATTRIBUTES[missing[0]],
+        )
+    attributes: dict[str, Any] = {"specversion": "1.0"}
+    for old, new in _V01_ATTRIBUTES.items():
+        if old in doc:
+            attributes[new] = doc[old]
+    if isinstance(attributes.get("time"), str):
+        attributes["time"] = datetime.fromisoformat(attributes["time"])
+    if "eventTypeVersion" in doc:
+        attributes["eventtypeversion"] = doc["eventTypeVersion"]
+    extensions = doc.get("extensions") or {}
+    if not isinstance(extensions, dict):
+        raise InvalidEventError("extensions must be an object", field="extensions")
+    for name, value in extensions.items():
+        # 1.0 extension names are lowercase alphanumerics: comExampleExtension -> comexampleextension.
+        mapped = _NOT_EXTENSION_CHARS.sub("", str(name).lower())
+        if not mapped or mapped in _CORE_ATTRIBUTES or mapped in attributes:
+            raise InvalidEventError(
+                f"extension {name!r} cannot be mapped to a CloudEvents 1.0 attribute", field="extensions"
+            )
+        attributes[mapped] = value
+    return SDKCloudEvent(attributes, doc.get("data"))
+
+
+def _sdk_event(parse: Any, mode: str) -> ReceivedEvent:
+    """Run an SDK parse, translating its exceptions, and copy the event into our value."""
+    try:
+        event = parse()
+    except InvalidEventError:
+        raise
+    except CloudEventValidationError as exc:
+        field = next(iter(exc.errors), "event")
+        raise InvalidEventError(f"invalid CloudEvent: {exc}", field=field) from exc
+    except (BaseCloudEventException, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InvalidEventError(f"invalid CloudEvent: {exc}", field="event") from exc
+    data = event.get_data()
+    if isinstance(data, (bytes, str)):
+        # Binary mode with a non-JSON content type, or data_base64: the files list is JSON.
+        data = _json(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return ReceivedEvent(
+        id=str(event.get_id()),
+        source=str(event.get_source()),
+        type=str(event.get_type()),
+        mode=mode,
+        data=data,
+    )
