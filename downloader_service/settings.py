@@ -65,7 +65,10 @@ class Settings:
     )
     respond_async: bool = field(
         default=False,
-        metadata={"env": "DOWNLOADER_ASYNC", "help": "answer 202 + status_url unless Prefer says otherwise"},
+        metadata={
+            "env": "DOWNLOADER_ASYNC",
+            "help": "answer every POST 202 + status_url (else only with Prefer: respond-async)",
+        },
     )
     retry_after: int = field(
         default=DEFAULT_RETRY_AFTER,

@@ -1,0 +1,34 @@
+# The Pacifica downloader webhook service.
+# Build: docker build -t pacifica/downloader-service .
+# Run:   docker run -p 8080:8080 -e CARTD_URL=http://cartd:8081 pacifica/downloader-service
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY setup.py pyproject.toml README.md ./
+COPY downloader_service ./downloader_service
+RUN pip install . \
+    && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin downloader \
+    && mkdir -p /data \
+    && chown downloader /data
+
+# In a container the service listens on every interface; downloads go to the /data volume.
+ENV DOWNLOADER_HOST=0.0.0.0 \
+    DOWNLOADER_PORT=8080 \
+    DOWNLOADER_ROOT=/data \
+    CARTD_URL=http://cartd:8081
+
+USER downloader
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 8080
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+
+ENTRYPOINT ["downloader-service"]
+CMD ["serve"]

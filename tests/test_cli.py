@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import pytest
+
+from tests.conftest import file_obj, make_event
+from tests.fakecartd import FakeCartd, closed_port, sha1
+
+SCRIPT = Path(sys.executable).with_name("downloader-service")
+FOO = b"foo\n" * 2000
+BAR = b"bar\n"
+
+
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args], input=stdin, capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+@pytest.fixture
+def event_file(tmp_path: Path, fake_cartd: FakeCartd) -> Path:
+    fake_cartd.add(34, FOO)
+    fake_cartd.add(35, BAR)
+    path = tmp_path / "event.json"
+    path.write_text(
+        json.dumps(make_event([file_obj(34, "foo.txt", "a/b", FOO), file_obj(35, "bar.txt", "", BAR)]))
+    )
+    return path
+
+
+def test_download_event_file_prints_summary(tmp_path: Path, fake_cartd: FakeCartd, event_file: Path) -> None:
+    result = run("download", "event", str(event_file), str(tmp_path / "out"), "--cart-url", fake_cartd.url)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out/data/a/b/foo.txt").read_bytes() == FOO
+    assert result.stdout.startswith("2 files, 8004 bytes in ")
+    assert result.stderr == ""  # no terminal, no progress bar
+
+
+def test_download_event_from_stdin_with_json(tmp_path: Path, fake_cartd: FakeCartd, event_file: Path) -> None:
+    result = run(
+        "download",
+        "event",
+        "-",
+        str(tmp_path / "out"),
+        "--json",
+        "--filename",
+        "run1",
+        "--cart-url",
+        fake_cartd.url,
+        stdin=event_file.read_text(),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["destination"] == str(tmp_path / "out/run1")
+    assert summary["files"] == 2
+    assert summary["bytes"] == len(FOO) + len(BAR)
+    assert (tmp_path / "out/run1/bar.txt").read_bytes() == BAR
+
+
+def test_cart_url_comes_from_environment(tmp_path: Path, fake_cartd: FakeCartd, event_file: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "CARTD_URL": fake_cartd.url}
+    result = run("download", "event", str(event_file), str(tmp_path / "out"), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+
+
+def test_corrupted_file_is_exit_7_and_leaves_nothing(
+    tmp_path: Path, fake_cartd: FakeCartd, event_file: Path
+) -> None:
+    fake_cartd.contents["34"] = b"X" + FOO[1:]
+    result = run("download", "event", str(event_file), str(tmp_path / "out"), "--cart-url", fake_cartd.url)
+    assert result.returncode == 7
+    assert result.stderr.count("\n") == 1
+    assert "a/b/foo.txt" in result.stderr
+    assert sha1(FOO) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"data": []}', "lists no files"),
+        ('{"data": [{"destinationTable": "Files", "name": "x"}]}', "_id is missing"),
+    ],
+)
+def test_bad_event_file_is_exit_3(tmp_path: Path, fake_cartd: FakeCartd, content: str, message: str) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    result = run("download", "event", str(bad), str(tmp_path / "out"), "--cart-url", fake_cartd.url)
+    assert result.returncode == 3
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert fake_cartd.requests == []
+
+
+def test_missing_event_file_is_exit_3(tmp_path: Path) -> None:
+    result = run("download", "event", str(tmp_path / "nope.json"), str(tmp_path / "out"))
+    assert result.returncode == 3
+    assert "No such file or directory" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("head", "code", "message"),
+    [
+        ((500, "error", "archive said no"), 4, "archive said no"),
+        ((202, "staging", ""), 5, "not ready within"),
+    ],
+)
+def test_cart_failures_have_their_exit_codes(
+    tmp_path: Path,
+    fake_cartd: FakeCartd,
+    event_file: Path,
+    head: tuple[int, str, str],
+    code: int,
+    message: str,
+) -> None:
+    fake_cartd.head = lambda cart: head
+    result = run(
+        "download",
+        "event",
+        str(event_file),
+        str(tmp_path / "out"),
+        "--cart-url",
+        fake_cartd.url,
+        "--timeout",
+        "0.3",
+    )
+    assert result.returncode == code
+    assert message in result.stderr
+
+
+def test_cartd_down_is_exit_4(tmp_path: Path, event_file: Path) -> None:
+    result = run(
+        "download",
+        "event",
+        str(event_file),
+        str(tmp_path / "out"),
+        "--cart-url",
+        f"http://127.0.0.1:{closed_port()}",
+    )
+    assert result.returncode == 4
+    assert "cannot reach Cartd" in result.stderr
+
+
+def test_transaction_from_file(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    fake_cartd.add(34, FOO)
+    doc = tmp_path / "t.json"
+    doc.write_text(
+        json.dumps(
+            {"files": {"34": {"name": "foo.txt", "subdir": "x", "hashtype": "sha1", "hashsum": sha1(FOO)}}}
+        )
+    )
+    result = run(
+        "download",
+        "transaction",
+        "67",
+        str(tmp_path / "out"),
+        "--from-file",
+        str(doc),
+        "--cart-url",
+        fake_cartd.url,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out/data/x/foo.txt").read_bytes() == FOO
+
+
+def test_transaction_from_policy(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    fake_cartd.add(35, BAR)
+    seen: list[str] = []
+
+    class Policy(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            known = self.path == "/status/transactions/by_id/67"
+            doc = {
+                "files": {"35": {"name": "bar.txt", "subdir": "", "hashtype": "sha1", "hashsum": sha1(BAR)}}
+            }
+            payload = json.dumps(doc if known else {"message": "not found"}).encode()
+            self.send_response(200 if known else 404)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Policy)
+    Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    policy = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ok = run(
+            "download",
+            "transaction",
+            "67",
+            str(tmp_path / "out"),
+            "--policy-url",
+            policy,
+            "--cart-url",
+            fake_cartd.url,
+        )
+        missing = run(
+            "download",
+            "transaction",
+            "68",
+            str(tmp_path / "out2"),
+            "--policy-url",
+            policy,
+            "--cart-url",
+            fake_cartd.url,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "out/data/bar.txt").read_bytes() == BAR
+    assert missing.returncode == 3
+    assert "no transaction 68" in missing.stderr
+    assert seen == ["/status/transactions/by_id/67", "/status/transactions/by_id/68"]
+
+
+def test_help_on_every_level_lists_exit_codes_and_settings() -> None:
+    top = run("--help")
+    assert top.returncode == 0
+    assert "serve" in top.stdout and "download" in top.stdout
+    assert "exit codes:" in run("download", "event", "--help").stdout
+    assert "--policy-url" in run("download", "transaction", "--help").stdout
+    serve = run("serve", "--help").stdout
+    for variable in ("CARTD_URL", "DOWNLOADER_ROOT", "DOWNLOADER_TOKEN", "DOWNLOADER_ASYNC"):
+        assert variable in serve
+
+
+def test_no_command_is_usage_error() -> None:
+    assert run().returncode == 2
+    assert run("download").returncode == 2
