@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.fakecartd import FakeCartd, sha1
+from tests.pacifica_stack import PacificaStack
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -69,3 +72,28 @@ def fake_cartd() -> Iterator[FakeCartd]:
     fake = FakeCartd().start()
     yield fake
     fake.stop()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pacifica_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacificaStack]:
+    """The real Archive Interface + Cartd + Celery worker, once for the whole session.
+
+    ``scripts/test`` installs them into ``.venv-pacifica`` (or ``$PACIFICA_VENV``); without
+    that venv the integration tests fail, they do not skip: CI must exercise them.
+    """
+    venv = Path(os.environ.get("PACIFICA_VENV", REPO / ".venv-pacifica"))
+    if not (venv / "bin" / "pacifica-cartd").exists():
+        pytest.fail(f"no Pacifica stack in {venv}: run scripts/install-pacifica-stack.sh (scripts/test does)")
+    stack = PacificaStack(tmp_path_factory.mktemp("pacifica"), venv)
+    stack.start(timeout=60)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def file_ids() -> Iterator[int]:
+    """Fresh archive file ids: the archive keeps stored files read-only, so never reuse one."""
+    return itertools.count(1000)
