@@ -280,6 +280,12 @@ class TerminalProgress(DownloadProgress):
 
         self._tqdm = tqdm
         self.stream = stream
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        # A terminal that reports no size (some ptys) would get no bar at all from tqdm.
+        self.size = {"ncols": size.columns or 80, "nrows": size.lines or 24}
         self.files = 0
         self.total_files = 0
         self.status: Any = None
@@ -288,12 +294,17 @@ class TerminalProgress(DownloadProgress):
     def cart_created(self, cart_url: str, files: int) -> None:
         self.total_files = files
         self.status = self._tqdm(
-            total=None, desc=f"staging cart ({files} files)", bar_format="{desc} {elapsed}", file=self.stream
+            total=None,
+            desc=f"staging cart ({files} files)",
+            bar_format="{desc} {elapsed}",
+            file=self.stream,
+            **self.size,
         )
 
     def cart_status(self, status: str, message: str) -> None:
         if self.status is not None:
-            self.status.set_description_str(f"cart {status or '...'}: {message}"[:70])
+            text = f"cart {status or '...'}" + (f": {message}" if message else "")
+            self.status.set_description_str(text[:70])
             self.status.update(0)
 
     def file_started(self, path: str, size: int) -> None:
@@ -301,7 +312,9 @@ class TerminalProgress(DownloadProgress):
             self.status.close()
             self.status = None
         if self.bar is None:
-            self.bar = self._tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=self.stream, miniters=1)
+            self.bar = self._tqdm(
+                unit="B", unit_scale=True, unit_divisor=1024, file=self.stream, miniters=1, **self.size
+            )
         self.files += 1
         self.bar.set_description_str(f"[{self.files}/{self.total_files}] {path}"[-60:])
 

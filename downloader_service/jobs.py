@@ -115,13 +115,35 @@ class JobRunner:
             directory = self.make_directory(job.event_id)
             job.result = self.downloader.download(files, self.settings.filename, directory)
             job.state = DONE
+            LOGGER.info(
+                "event downloaded",
+                extra={
+                    "event_id": job.event_id,
+                    "job_id": job.id,
+                    "cart_url": job.result.cart_url,
+                    "download_path": directory,
+                    "files": job.result.file_count,
+                    "bytes": job.result.bytes,
+                    "seconds": round(job.result.seconds, 4),
+                },
+            )
             self.metrics.bytes.inc(job.result.bytes)
             self.metrics.files.inc(job.result.file_count)
             self.metrics.duration.observe(time.monotonic() - job.created)
         except Exception as exc:
             job.error = exc
             job.state = FAILED
-            if not isinstance(exc, DownloaderError):
+            if isinstance(exc, DownloaderError):
+                LOGGER.warning(
+                    "event download failed",
+                    extra={
+                        "event_id": job.event_id,
+                        "job_id": job.id,
+                        "error": type(exc).__name__,
+                        "detail": str(exc),
+                    },
+                )
+            else:
                 LOGGER.exception("download job crashed", extra={"job_id": job.id, "event_id": job.event_id})
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)

@@ -180,6 +180,7 @@ def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
                 service.metrics.events.labels(outcome="busy").inc()
             elif status < 500:
                 service.metrics.events.labels(outcome="rejected").inc()
+                LOGGER.info("request rejected", extra={"status": status, "kind": kind, "detail": str(exc)})
             service.metrics.errors.labels(kind=kind).inc()
             cherrypy.response.status = status
             body = error_body(exc)

@@ -243,3 +243,73 @@ def test_help_on_every_level_lists_exit_codes_and_settings() -> None:
 def test_no_command_is_usage_error() -> None:
     assert run().returncode == 2
     assert run("download").returncode == 2
+
+
+def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path, fake_cartd: FakeCartd, event_file: Path) -> None:
+    import os
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            str(SCRIPT),
+            "download",
+            "event",
+            str(event_file),
+            str(tmp_path / "out"),
+            "--cart-url",
+            fake_cartd.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    drawn = b""
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        drawn += data
+    os.close(controller)
+    assert proc.wait(30) == 0
+    assert proc.stdout is not None
+    proc.stdout.close()
+    screen = drawn.decode(errors="replace")
+    assert "staging cart (2 files)" in screen
+    assert "[2/2] bar.txt" in screen
+    assert "7.82k" in screen  # 8004 bytes in total, in KiB
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_nothing(
+    tmp_path: Path, fake_cartd: FakeCartd, event_file: Path
+) -> None:
+    import signal
+    import time
+
+    from tests.fakecartd import cart_tar, stall_after
+
+    fake_cartd.body = lambda cart, name: stall_after(
+        cart_tar(cart.fileids, fake_cartd.contents, name), 5000, 30
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [str(SCRIPT), "download", "event", str(event_file), str(out), "--cart-url", fake_cartd.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    # Wait until the tar is streaming (and stalled): the staging directory exists, GET was sent.
+    while not (any(out.glob(".data.part-*")) and ("GET" in {m for m, _ in fake_cartd.requests})):
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+    assert list(out.iterdir()) == []
+    assert len(fake_cartd.deleted) == 1

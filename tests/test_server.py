@@ -1,0 +1,110 @@
+"""The console script serving on a real socket: what the WSGI tests cannot show."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import file_obj, make_event
+from tests.fakecartd import FakeCartd
+
+SCRIPT = Path(sys.executable).with_name("downloader-service")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(fake_cartd: FakeCartd, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    port = free_port()
+    root = tmp_path / "root"
+    root.mkdir()
+    log = tmp_path / "server.log"
+    env = {
+        **os.environ,
+        "CARTD_URL": fake_cartd.url,
+        "DOWNLOADER_ROOT": str(root),
+        "DOWNLOADER_MAX_BODY_BYTES": "100000",
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(SCRIPT), "serve", "--port", str(port)], env=env, stderr=out, stdout=out)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            requests.get(url + "/health", timeout=1)
+            break
+        except requests.ConnectionError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_served_app_downloads_and_logs_json_lines(
+    server: tuple[str, subprocess.Popen[bytes], Path], fake_cartd: FakeCartd
+) -> None:
+    url, proc, log = server
+    fake_cartd.add(5, b"five")
+    event = make_event([file_obj(5, "five.txt", "n", b"five")], event_id="served-1")
+    resp = requests.post(url, json=event, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert (Path(resp.json()["download_path"]) / "data/n/five.txt").read_bytes() == b"five"
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    done = [r for r in records if r["message"] == "event downloaded"]
+    assert len(done) == 1
+    assert done[0]["event_id"] == "served-1"
+    assert done[0]["files"] == 1
+    assert done[0]["bytes"] == 4
+    assert done[0]["cart_url"].startswith(fake_cartd.url)
+
+
+def test_chunked_body_over_limit_is_413_without_reading_it_all(
+    server: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    url, _proc, _log = server
+    host, port = url.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (10_000, b" " * 10_000)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(20):  # 200 kB offered against a 100 kB limit, and the body never ends
+            sock.sendall(chunk)
+        reply = b""
+        while True:  # a server waiting for the end of the body makes recv time out here
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in head
+    assert json.loads(rest)["error"] == "payload_too_large"
+
+
+def test_declared_length_over_limit_is_413(server: tuple[str, subprocess.Popen[bytes], Path]) -> None:
+    url, _proc, _log = server
+    resp = requests.post(url, data=b"{" * 200_000, headers={"Content-Type": "application/json"}, timeout=10)
+    assert resp.status_code == 413
+    assert resp.json()["error"] == "payload_too_large"
