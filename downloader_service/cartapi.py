@@ -36,7 +36,7 @@ DEFAULT_CART_TIMEOUT = 120.0
 # begins within tens of milliseconds of "ready", then backs off to spare Cartd on big carts.
 DEFAULT_POLL_INTERVAL = 0.01
 DEFAULT_POLL_MAX_INTERVAL = 0.5
-POLL_BACKOFF = 1.5
+POLL_BACKOFF = 1.25
 # Request keyword arguments that upstream's ``auth`` dict may carry into every call.
 _REQUEST_KWARGS = frozenset({"auth", "cert", "verify", "headers", "proxies", "cookies"})
 _MESSAGE_LIMIT = 500

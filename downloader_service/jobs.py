@@ -147,6 +147,7 @@ class JobRunner:
                 LOGGER.exception("download job crashed", extra={"job_id": job.id, "event_id": job.event_id})
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
+            _drop_tracebacks(exc)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.events.labels(outcome=job.state).inc()
@@ -169,6 +170,19 @@ class JobRunner:
                 if self._by_key.get(job.key) is job:
                     del self._by_key[job.key]
                 excess -= 1
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Forget the frames of a kept error: they hold the download's buffers and objects."""
+    pending: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending += [error.__cause__, error.__context__]
 
 
 def _retry_allowed(job: Job) -> bool:

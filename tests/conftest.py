@@ -6,11 +6,17 @@ import copy
 import itertools
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.fakecartd import FakeCartd, sha1
 from tests.pacifica_stack import PacificaStack
@@ -97,3 +103,38 @@ def pacifica_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacific
 def file_ids() -> Iterator[int]:
     """Fresh archive file ids: the archive keeps stored files read-only, so never reuse one."""
     return itertools.count(1000)
+
+
+SCRIPT = Path(sys.executable).with_name("downloader-service")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``downloader-service serve`` on a free port with ``env``; stop it (by PID) after."""
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "serve", "--port", str(port)], env={**os.environ, **env}, stderr=out, stdout=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                requests.get(url + "/health", timeout=1)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -69,16 +69,16 @@ def test_setup_cart_unreachable_is_retryable_unavailable() -> None:
 
 
 def test_wait_for_cart_backs_off_from_fast_polls(fake_cartd: FakeCartd) -> None:
-    fake_cartd.head = lambda cart: (204, "ready", "") if cart.heads > 12 else (202, "staging", "")
+    fake_cartd.head = lambda cart: (204, "ready", "") if cart.heads > 20 else (202, "staging", "")
     clock = FakeClock()
     api = CartAPI(fake_cartd.url, clock=clock, sleep=clock.sleep)
     cart_url = api.setup_cart(lambda: iter(one_file()))
     seen: list[str] = []
     assert api.wait_for_cart(cart_url, on_status=lambda status, _msg: seen.append(status)) == cart_url
-    assert clock.sleeps[:4] == [0.01, 0.015, 0.0225, 0.03375]
+    assert clock.sleeps[:4] == [0.01, 0.0125, 0.015625, 0.019531]
     assert max(clock.sleeps) == 0.5
-    assert len(clock.sleeps) == 12
-    assert seen == ["staging"] * 12 + ["ready"]
+    assert len(clock.sleeps) == 20
+    assert seen == ["staging"] * 20 + ["ready"]
 
 
 def test_wait_for_cart_error_raises_cartd_message(fake_cartd: FakeCartd) -> None:

@@ -3,58 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import file_obj, make_event
+from tests.conftest import file_obj, make_event, served
 from tests.fakecartd import FakeCartd
 
 SCRIPT = Path(sys.executable).with_name("downloader-service")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(fake_cartd: FakeCartd, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    port = free_port()
     root = tmp_path / "root"
     root.mkdir()
-    log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        "CARTD_URL": fake_cartd.url,
-        "DOWNLOADER_ROOT": str(root),
-        "DOWNLOADER_MAX_BODY_BYTES": "100000",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(SCRIPT), "serve", "--port", str(port)], env=env, stderr=out, stdout=out)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            requests.get(url + "/health", timeout=1)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-    yield url, proc, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(5)
+    env = {"CARTD_URL": fake_cartd.url, "DOWNLOADER_ROOT": str(root), "DOWNLOADER_MAX_BODY_BYTES": "100000"}
+    with served(env, tmp_path / "server.log") as (url, proc):
+        yield url, proc, tmp_path / "server.log"
 
 
 def test_served_app_downloads_and_logs_json_lines(

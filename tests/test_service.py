@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from werkzeug.test import Client, TestResponse
 from downloader_service.service import create_app
 from downloader_service.settings import settings_from_env
 from tests.conftest import file_obj, make_event
-from tests.fakecartd import Cart, FakeCartd, cart_tar, closed_port, cut_after
+from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after
 
 FOO = b"foo\n" * 3000
 BAR = b"bar\n"
@@ -406,3 +407,47 @@ def test_unrequested_member_in_cart_is_502_unsafe_archive(
     assert body(resp)["member"].startswith("data/..")
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "escape.sh").exists()
+
+
+def test_stalled_stream_fires_read_timeout_and_is_502(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd, tmp_path: Path
+) -> None:
+    from tests.fakecartd import stall_after
+
+    fake_cartd.body = lambda cart, name: stall_after(
+        cart_tar(cart.fileids, fake_cartd.contents, name), 2048, 3
+    )
+    started = time.monotonic()
+    resp = post(make_client(read_timeout=0.3), make_event(files))
+    assert time.monotonic() - started < 2.5
+    assert resp.status_code == 502
+    assert body(resp)["error"] == "download_interrupted"
+    assert body(resp)["retryable"] is True
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        Member("data/bar.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+        Member("data/bar.txt", type=tarfile.LNKTYPE, linkname="/etc/passwd"),
+        Member("/etc/cron.d/evil", b"* * * * * root sh"),
+        Member("data/bar.txt", type=tarfile.CHRTYPE),
+        Member("data/bar.txt", type=tarfile.FIFOTYPE),
+        Member("elsewhere/bar.txt", BAR),
+    ],
+    ids=["symlink", "hardlink", "absolute", "device", "fifo", "outside"],
+)
+def test_hostile_tar_from_cartd_is_502_unsafe_archive(
+    make_client: MakeClient,
+    files: list[dict[str, Any]],
+    fake_cartd: FakeCartd,
+    tmp_path: Path,
+    member: Member,
+) -> None:
+    fake_cartd.body = lambda cart, name: [build_tar([Member("data", type=tarfile.DIRTYPE), member])]
+    resp = post(make_client(), make_event(files))
+    assert resp.status_code == 502
+    assert body(resp)["error"] == "unsafe_archive"
+    assert body(resp)["member"] == member.name
+    assert leftovers(tmp_path) == []
