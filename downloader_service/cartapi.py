@@ -39,7 +39,7 @@ DEFAULT_POLL_MAX_INTERVAL = 0.5
 POLL_BACKOFF = 1.25
 # Request keyword arguments that upstream's ``auth`` dict may carry into every call.
 _REQUEST_KWARGS = frozenset({"auth", "cert", "verify", "headers", "proxies", "cookies"})
-_MESSAGE_LIMIT = 500
+_MESSAGE_LIMIT = 1000
 
 
 class CartAPI:
@@ -122,6 +122,7 @@ class CartAPI:
         interval = self.poll_interval
         while True:
             code, status, message = self.cart_status(cart_url)
+            message = _shorten(message)
             if on_status is not None:
                 on_status(status, message)
             if code == 204 and status == "ready":
@@ -223,17 +224,24 @@ def _request_kwargs(auth: Any) -> dict[str, Any]:
 
 
 def _raise_for_status(resp: requests.Response, url: str, doing: str) -> None:
-    message = resp.headers.get("X-Pacifica-Message") or _body_message(resp)
+    message = _shorten(resp.headers.get("X-Pacifica-Message") or _body_message(resp))
     text = f"Cartd answered {resp.status_code} {resp.reason} {doing} at {url}: {message}"
     error = CartUnavailableError if resp.status_code >= 500 else CartFailedError
     raise error(text, url=url, status=resp.status_code, cartd_message=message)
 
 
+def _shorten(message: str) -> str:
+    """Cartd can put a whole traceback in its message; keep errors and logs readable."""
+    return message if len(message) <= _MESSAGE_LIMIT else message[: _MESSAGE_LIMIT - 1] + "…"
+
+
 def _body_message(resp: requests.Response) -> str:
+    """The ``message`` of an error body, reading no more than a few kilobytes of it."""
     try:
-        text = resp.text
+        head = next(resp.iter_content(_MESSAGE_LIMIT * 8), b"")
     except requests.RequestException:
         return "no message"
+    text = head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
     try:
         body = json.loads(text)
     except ValueError:

@@ -164,6 +164,8 @@ def _check(settings: Settings) -> None:
         raise ValueError("queue_size and retry_after must not be negative")
     if not settings.event_types:
         raise ValueError("event_types must name at least one type")
+    if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:
+        raise ValueError(f"filename must be one directory name, not {settings.filename!r}")
 
 
 def describe() -> list[tuple[str, str, str]]:

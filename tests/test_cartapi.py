@@ -170,3 +170,13 @@ def test_default_url_comes_from_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert CartAPI().cart_api_url == "http://cartd.example:9000"
     monkeypatch.delenv("CARTD_URL")
     assert CartAPI().cart_api_url == "http://127.0.0.1:8081"
+
+
+def test_long_cartd_message_is_shortened(fake_cartd: FakeCartd) -> None:
+    fake_cartd.head = lambda cart: (500, "error", "Failed to pull file(" + "x" * 5000 + ")")
+    api = CartAPI(fake_cartd.url)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    with pytest.raises(CartFailedError, match="Failed to pull file") as info:
+        api.wait_for_cart(cart_url)
+    assert len(info.value.cartd_message) == 1000
+    assert info.value.cartd_message.endswith("…")

@@ -52,6 +52,7 @@ def test_overrides_win_over_environment_and_none_is_ignored() -> None:
         ({"DOWNLOADER_ASYNC": "maybe"}, "not a boolean"),
         ({"DOWNLOADER_WORKERS": "0"}, "workers must be at least 1"),
         ({"DOWNLOADER_EVENT_TYPES": " , "}, "at least one type"),
+        ({"DOWNLOADER_FILENAME": "../up"}, "one directory name"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
