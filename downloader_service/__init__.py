@@ -27,7 +27,11 @@ from .errors import (
     LocalStorageError,
     MissingFileError,
     NoFilesError,
+    PayloadTooLargeError,
+    PolicyUnavailableError,
+    ServiceBusyError,
     UnsafeArchiveError,
+    UnsupportedMediaTypeError,
 )
 from .progress import DownloadProgress
 from .transactioninfo import TransactionInfo
@@ -57,8 +61,12 @@ __all__ = [
     "LocalStorageError",
     "MissingFileError",
     "NoFilesError",
+    "PayloadTooLargeError",
+    "PolicyUnavailableError",
+    "ServiceBusyError",
     "TransactionInfo",
     "UnsafeArchiveError",
+    "UnsupportedMediaTypeError",
     "__version__",
 ]
 
