@@ -64,7 +64,7 @@ class Downloader:
     ``progress``
         a :class:`DownloadProgress` to notify;
     ``chunk_size``
-        bytes read and written at a time (1 MiB);
+        bytes read and written at a time (64 KiB);
 
     and every :class:`CartAPI` keyword (``session``, ``auth``, ``connect_timeout``,
     ``read_timeout``, ``poll_interval``, ``poll_max_interval``, ``clock``, ``sleep``).

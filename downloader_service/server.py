@@ -24,6 +24,8 @@ def serve(settings: Settings) -> None:
             "server.socket_port": settings.port,
             # Sync requests hold a thread for a whole download: leave room to answer 429s.
             "server.thread_pool": settings.workers + settings.queue_size + 8,
+            # CherryPy's listen backlog of 5 resets connections of a burst (50 at once lost some).
+            "server.socket_queue_size": 128,
             # The body limit is ours (413 as JSON), not cheroot's plain-text one.
             "server.max_request_body_size": 0,
             "engine.autoreload.on": False,

@@ -61,6 +61,31 @@ _SCRUBBED_ENV = {
     "DATABASE_CONNECT_WAIT",
 }
 CELERY_CONFIG_MODULE = "pacifica_stack_celeryconfig"
+# kombu 5.7's filesystem transport creates a message file and only then writes into it, while
+# the consumer takes any file it sees: reading one still empty, the worker dies on a
+# JSONDecodeError and every later cart stays "staging" (many carts at once hit it). The Celery
+# config module, imported by Cartd and the worker alike, makes publishing write-then-rename.
+_ATOMIC_BROKER_PUT = """
+
+import os as _os
+import time as _time
+import uuid as _uuid
+
+from kombu.transport import filesystem as _filesystem
+from kombu.utils.json import dumps as _dumps
+
+
+def _atomic_put(self, queue, payload, **kwargs):
+    name = f"{round(_time.monotonic() * 1000)}_{_uuid.uuid4()}.{queue}.msg"
+    final = _os.path.join(self.data_folder_out, name)
+    partial = _os.path.join(self.data_folder_out, "." + name + ".part")
+    with open(partial, "wb") as handle:
+        handle.write(_dumps(payload).encode())
+    _os.rename(partial, final)
+
+
+_filesystem.Channel._put = _atomic_put
+"""
 
 
 def free_port(host: str = HOST) -> int:
@@ -278,7 +303,7 @@ class PacificaStack:
             '"""Celery settings for the Pacifica test stack (written by tests/pacifica_stack.py)."""\n'
             f"broker_transport_options = {options!r}\n"
             "broker_connection_retry_on_startup = True\n"
-            "worker_hijack_root_logger = True\n",
+            "worker_hijack_root_logger = True\n" + _ATOMIC_BROKER_PUT,
             encoding="utf-8",
         )
 
@@ -299,8 +324,11 @@ class PacificaStack:
                 "CARTD_CONFIG": str(cfg / "cartd.ini"),
                 "CARTD_CPCONFIG": str(cfg / "cartd-cherrypy.ini"),
                 "CELERY_CONFIG_MODULE": CELERY_CONFIG_MODULE,
+                # The worker leaves pymp-* directories in the temp dir when it is killed.
+                "TMPDIR": str(self.workdir / "tmp"),
             }
         )
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         # Cartd's worker talks to the archive with requests: never through a proxy.
         for key in ("NO_PROXY", "no_proxy"):
             env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))

@@ -68,17 +68,22 @@ def test_setup_cart_unreachable_is_retryable_unavailable() -> None:
     assert isinstance(info.value.__cause__, requests.ConnectionError)
 
 
-def test_wait_for_cart_backs_off_from_fast_polls(fake_cartd: FakeCartd) -> None:
-    fake_cartd.head = lambda cart: (204, "ready", "") if cart.heads > 20 else (202, "staging", "")
+def test_wait_for_cart_polls_fast_then_in_proportion_to_the_wait(fake_cartd: FakeCartd) -> None:
     clock = FakeClock()
+    start = clock.now
+    # Ready after 60 s of staging.
+    fake_cartd.head = lambda cart: (204, "ready", "") if clock.now - start >= 60 else (202, "staging", "")
     api = CartAPI(fake_cartd.url, clock=clock, sleep=clock.sleep)
     cart_url = api.setup_cart(lambda: iter(one_file()))
     seen: list[str] = []
     assert api.wait_for_cart(cart_url, on_status=lambda status, _msg: seen.append(status)) == cart_url
-    assert clock.sleeps[:4] == [0.01, 0.0125, 0.015625, 0.019531]
-    assert max(clock.sleeps) == 0.5
-    assert len(clock.sleeps) == 20
-    assert seen == ["staging"] * 20 + ["ready"]
+    assert clock.sleeps[:21] == [0.02] * 21  # the first 0.4 s: every 20 ms
+    assert clock.sleeps[21] == pytest.approx(0.021)  # then 5 % of the time waited
+    assert max(clock.sleeps) == 1.0  # never slower than upstream's 1 s
+    assert clock.now - start - 60 < 1.0  # "ready" seen within one pause of it
+    assert len(clock.sleeps) < 150  # 60 s of staging cost under 150 polls
+    assert seen[-1] == "ready"
+    assert set(seen[:-1]) == {"staging"}
 
 
 def test_wait_for_cart_error_raises_cartd_message(fake_cartd: FakeCartd) -> None:
