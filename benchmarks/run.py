@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests import events  # noqa: E402
 from tests.pacifica_stack import PacificaStack, free_port  # noqa: E402
 
 MB = 1 << 20
@@ -143,16 +144,7 @@ class StoredFile:
 
 def make_event(files: Sequence[StoredFile], event_id: str) -> dict[str, Any]:
     """A Notifications ingest event, CloudEvents 0.1 as Notifications posts it."""
-    return {
-        "cloudEventsVersion": "0.1",
-        "eventID": event_id,
-        "eventType": "org.pacifica.metadata.ingest",
-        "source": "/pacifica/metadata/ingest",
-        "eventTime": "2018-04-05T17:31:00Z",
-        "contentType": "application/json",
-        "extensions": {},
-        "data": [{"destinationTable": "Transactions._id", "value": 1234}, *(f.metadata() for f in files)],
-    }
+    return events.make_event([f.metadata() for f in files], event_id=event_id)
 
 
 def sha1_file(path: Path) -> str:

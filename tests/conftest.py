@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fakecartd import FakeCartd, sha1
+from tests.fakecartd import FakeCartd
 from tests.pacifica_stack import PacificaStack
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -33,44 +32,6 @@ def load_fixture(name: str) -> Any:
 def notifications_event() -> dict[str, Any]:
     """The verbatim upstream Notifications event (0.1; one file lacks ``_id``)."""
     return load_fixture("notifications-event-0.1.json")
-
-
-def file_obj(file_id: int, name: str, subdir: str, data: bytes) -> dict[str, Any]:
-    """A ``destinationTable: Files`` metadata object for ``data``."""
-    return {
-        "_id": file_id,
-        "destinationTable": "Files",
-        "name": name,
-        "subdir": subdir,
-        "hashtype": "sha1",
-        "hashsum": sha1(data),
-        "size": len(data),
-        "mimetype": "application/octet-stream",
-    }
-
-
-def make_event(files: list[dict[str, Any]], version: str = "0.1", event_id: str = "ev-1") -> dict[str, Any]:
-    """A Notifications ingest event with ``files`` in ``data``, in 0.1 or 1.0 attribute names."""
-    data = [{"destinationTable": "Transactions._id", "value": 1234}, *copy.deepcopy(files)]
-    if version == "0.1":
-        return {
-            "cloudEventsVersion": "0.1",
-            "eventID": event_id,
-            "eventType": "org.pacifica.metadata.ingest",
-            "source": "/pacifica/metadata/ingest",
-            "eventTime": "2018-04-05T17:31:00Z",
-            "contentType": "application/json",
-            "extensions": {},
-            "data": data,
-        }
-    return {
-        "specversion": "1.0",
-        "id": event_id,
-        "type": "org.pacifica.metadata.ingest",
-        "source": "/pacifica/metadata/ingest",
-        "datacontenttype": "application/json",
-        "data": data,
-    }
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import file_obj, make_event
+from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd, closed_port, sha1
 
 SCRIPT = Path(sys.executable).with_name("downloader-service")

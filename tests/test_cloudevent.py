@@ -6,7 +6,7 @@ import pytest
 
 from downloader_service import CartFile, CloudEvent, InvalidEventError, NoFilesError
 from downloader_service.cartfile import join_cart_path
-from tests.conftest import file_obj, make_event
+from tests.events import file_obj, make_event
 
 
 @pytest.mark.parametrize(

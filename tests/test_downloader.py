@@ -17,7 +17,7 @@ from downloader_service import (
     NoFilesError,
     UnsafeArchiveError,
 )
-from tests.conftest import file_obj, make_event
+from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after, sha1
 
 FOO = b"foo\n" * 5000

@@ -20,7 +20,7 @@ from werkzeug.test import Client
 from downloader_service import CartAPI, CartFailedError, Downloader, InvalidEventError
 from downloader_service.service import create_app
 from downloader_service.settings import settings_from_env
-from tests.conftest import file_obj, make_event
+from tests.events import file_obj, make_event
 from tests.pacifica_stack import PacificaStack
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import file_obj, make_event, served
+from tests.conftest import served
+from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd
 
 SCRIPT = Path(sys.executable).with_name("downloader-service")

@@ -15,7 +15,7 @@ from werkzeug.test import Client, TestResponse
 
 from downloader_service.service import create_app
 from downloader_service.settings import settings_from_env
-from tests.conftest import file_obj, make_event
+from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after
 
 FOO = b"foo\n" * 3000

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import file_obj, make_event, served
+from tests.conftest import served
+from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, cart_tar, cut_after
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
