@@ -8,6 +8,7 @@ looks complete, and never touches files already at the target.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -130,7 +131,11 @@ class _Extractor:
                         self._write(tar, member, staging, chunk_size)
                     else:
                         (staging / member.name).mkdir(parents=True, exist_ok=True)
-        except (tarfile.TarError, EOFError) as exc:
+        except DownloaderError:
+            raise
+        # tarfile reports a bad header as TarError, but a hostile pax header (a size or mtime
+        # that is not a number) as ValueError or OverflowError.
+        except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:
             raise DownloadInterruptedError(
                 f"the cart's tar is cut short or malformed after {self.bytes} bytes of file data: {exc}",
                 files_written=len(self.written),
@@ -205,7 +210,8 @@ class _Extractor:
                 expected=file.hashsum,
                 actual=actual,
             )
-        os.utime(target, (member.mtime, member.mtime))
+        with contextlib.suppress(OverflowError, ValueError, OSError):  # an absurd mtime is not fatal
+            os.utime(target, (member.mtime, member.mtime))
         self.written[member.name] = target
         self.progress.file_finished(path)
 

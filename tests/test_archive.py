@@ -211,3 +211,24 @@ def test_extract_cart_unwritable_destination_is_local_storage_error(tmp_path: Pa
     blocker.write_bytes(b"")
     with pytest.raises(LocalStorageError):
         extract_cart(io.BytesIO(build_tar(GOOD)), blocker / "sub", "data", FILES)
+
+
+@pytest.mark.parametrize("size", ["lots", "-5", "1e400"])
+def test_extract_cart_hostile_pax_size_is_an_error_not_a_crash(tmp_path: Path, size: str) -> None:
+    info = tarfile.TarInfo("data/bar.txt")
+    info.size = len(BAR)
+    info.pax_headers = {"size": size}
+    data = info.tobuf(tarfile.PAX_FORMAT) + BAR + b"\0" * (512 - len(BAR)) + b"\0" * 1024
+    with pytest.raises((HashMismatchError, DownloadInterruptedError)):
+        extract(tmp_path, data)
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_extract_cart_absurd_mtime_still_writes_the_file(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("data/bar.txt")
+    info.size = len(BAR)
+    info.pax_headers = {"mtime": "1e300"}
+    members = info.tobuf(tarfile.PAX_FORMAT) + BAR + b"\0" * (512 - len(BAR))
+    foo = build_tar([Member("data/a/b/foo.txt", FOO)], end=True)
+    target = extract(tmp_path, members + foo)
+    assert tree(target) == {"data/a/b/foo.txt": FOO, "data/bar.txt": BAR}
