@@ -91,7 +91,8 @@ class JobRunner:
             self._by_key[key] = job
             self._forget_old()
         self.metrics.in_flight.inc()
-        self._executor.submit(self._run, job, list(files))
+        work = self._executor.submit(self._run, job, list(files))
+        work.add_done_callback(lambda work: self._cancelled(job) if work.cancelled() else None)
         return job, True
 
     def get(self, job_id: str) -> Job | None:
@@ -153,6 +154,15 @@ class JobRunner:
             self.metrics.events.labels(outcome=job.state).inc()
             self._slots.release()
             job.future.set_result(None)
+
+    def _cancelled(self, job: Job) -> None:
+        """A queued job dropped by :meth:`shutdown` still ends, so no request waits forever."""
+        job.error = ServiceBusyError("the service stopped before this download started")
+        job.state = FAILED
+        self.metrics.in_flight.dec()
+        self.metrics.events.labels(outcome=FAILED).inc()
+        self._slots.release()
+        job.future.set_result(None)
 
     def _mkdtemp(self, event_id: str) -> str:
         prefix = _UNSAFE_PREFIX_CHARS.sub("_", event_id)[:40]

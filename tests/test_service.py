@@ -451,3 +451,22 @@ def test_hostile_tar_from_cartd_is_502_unsafe_archive(
     assert body(resp)["error"] == "unsafe_archive"
     assert body(resp)["member"] == member.name
     assert leftovers(tmp_path) == []
+
+
+def test_shutdown_ends_queued_jobs_so_no_request_waits_forever(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    release = gate_cart(fake_cartd)
+    client = make_client(workers=1, queue_size=2)
+    async_headers = {**JSON, "Prefer": "respond-async"}
+    first = body(post(client, make_event(files, event_id="run"), async_headers))
+    queued = body(post(client, make_event(files, event_id="queued"), async_headers))
+    runner = client.application.service.runner  # type: ignore[attr-defined]
+    runner.shutdown(wait=False)
+    release.set()
+    job = runner.get(queued["job_id"])
+    assert job is not None
+    assert job.future.result(timeout=5) is None
+    assert job.state == "failed"
+    assert "stopped before" in str(job.error)
+    assert runner.get(first["job_id"]).future.result(timeout=5) is None
