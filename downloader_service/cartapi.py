@@ -144,7 +144,8 @@ class CartAPI:
                     status=code,
                     cartd_message=message,
                 )
-            remaining = deadline - self.clock()
+            now = self.clock()
+            remaining = deadline - now
             if remaining <= 0:
                 raise CartTimeoutError(
                     f"the cart {cart_url} was not ready within {timeout:g} s "
@@ -153,8 +154,7 @@ class CartAPI:
                     timeout=timeout,
                     cartd_status=status,
                 )
-            waited = self.clock() - started
-            interval = min(max(waited * POLL_FRACTION, self.poll_interval), self.poll_max_interval)
+            interval = min(max((now - started) * POLL_FRACTION, self.poll_interval), self.poll_max_interval)
             self.sleep(min(interval, remaining))
 
     @contextmanager
@@ -249,7 +249,7 @@ def _body_message(resp: requests.Response) -> str:
     try:
         body = json.loads(text)
     except ValueError:
-        return text[:_MESSAGE_LIMIT] or "no message"
+        return text or "no message"
     if isinstance(body, Mapping) and "message" in body:
-        return str(body["message"])[:_MESSAGE_LIMIT]
-    return text[:_MESSAGE_LIMIT]
+        return str(body["message"])
+    return text
