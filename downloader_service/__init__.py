@@ -14,6 +14,7 @@ from .downloader import Downloader, DownloadResult
 from .errors import (
     CartError,
     CartFailedError,
+    CartGoneError,
     CartTimeoutError,
     CartUnavailableError,
     DownloaderError,
@@ -43,6 +44,7 @@ __all__ = [
     "CartError",
     "CartFailedError",
     "CartFile",
+    "CartGoneError",
     "CartTimeoutError",
     "CartUnavailableError",
     "CloudEvent",

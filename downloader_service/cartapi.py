@@ -20,7 +20,9 @@ import urllib3.exceptions
 
 from .cartfile import CartFile, YieldFiles
 from .errors import (
+    CartError,
     CartFailedError,
+    CartGoneError,
     CartTimeoutError,
     CartUnavailableError,
     DownloadInterruptedError,
@@ -131,7 +133,7 @@ class CartAPI:
             if code == 204 and status == "ready":
                 return cart_url
             if code in (401, 403, 404):
-                raise CartFailedError(
+                raise (CartGoneError if code == 404 else CartFailedError)(
                     f"Cartd answered {code} for the cart {cart_url}: {message or 'no message'}",
                     url=cart_url,
                     status=code,
@@ -230,7 +232,11 @@ def _request_kwargs(auth: Any) -> dict[str, Any]:
 def _raise_for_status(resp: requests.Response, url: str, doing: str) -> None:
     message = _shorten(resp.headers.get("X-Pacifica-Message") or _body_message(resp))
     text = f"Cartd answered {resp.status_code} {resp.reason} {doing} at {url}: {message}"
-    error = CartUnavailableError if resp.status_code >= 500 else CartFailedError
+    error: type[CartError] = CartFailedError
+    if resp.status_code >= 500:
+        error = CartUnavailableError
+    elif resp.status_code == 404 and not doing.startswith("creating"):
+        error = CartGoneError  # a cart Cartd purged (LRU) between our calls
     raise error(text, url=url, status=resp.status_code, cartd_message=message)
 
 

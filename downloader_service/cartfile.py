@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidInputError, NoFilesError
+from .errors import InvalidInputError, NoFilesError, echo
 
 # shake_* digests have no fixed length, so a hashsum could not be checked against them.
 SUPPORTED_HASHTYPES = frozenset(
@@ -16,6 +17,21 @@ SUPPORTED_HASHTYPES = frozenset(
 )
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGITS = re.compile(r"[0-9]+")
+
+# Linux's limits, counted in bytes of the UTF-8 name: NAME_MAX for one path component and
+# PATH_MAX for a whole path (with its terminating NUL).
+NAME_MAX = 255
+PATH_MAX = 4096
+# A file's relative path may take 3 KiB of PATH_MAX; the remaining KiB is for the download
+# root and for ``<filename>/`` twice, once inside the staging directory ``.<filename>.part-*``.
+MAX_PATH_BYTES = 3072
+# Components in a file's relative path. os.makedirs, shutil.rmtree (one open descriptor per
+# level) and Cartd's own staging recurse once per level: near 1,000 levels they fail.
+MAX_DEPTH = 128
+# An invalid document's error lists this many problems at most, in this many characters at
+# most, then says how many more there are.
+PROBLEMS_SHOWN = 10
+PROBLEMS_CHARS = 3000
 
 CartdFile = dict[str, str]
 YieldFiles = Callable[[], Iterator[CartdFile]]
@@ -41,7 +57,7 @@ class CartFile:
         file = _build(obj.get("id"), obj.get("path"), None, obj, problems)
         if file is None:
             field, why = problems[0]
-            raise InvalidInputError(f"cart file {obj!r}: {field} {why}", field=field)
+            raise InvalidInputError(f"cart file {echo(obj)}: {field} {why}", field=field)
         return file
 
 
@@ -50,17 +66,44 @@ def join_cart_path(subdir: str, name: str) -> str:
 
     Empty and ``.`` components are dropped, so ``a/b/`` + ``foo.txt`` is ``a/b/foo.txt`` and an
     empty subdir gives just the name; ``..`` and absolute paths are refused, never resolved.
+    A ``/`` inside ``name`` separates components, as it did upstream. The result must also
+    pass :func:`check_path`.
     """
     if subdir.startswith("/") or name.startswith("/"):
         raise ValueError("is an absolute path")
     parts = [part for part in f"{subdir}/{name}".split("/") if part not in ("", ".")]
     if ".." in parts:
         raise ValueError("has a '..' component")
-    if "\x00" in name or "\x00" in subdir:
-        raise ValueError("contains a NUL character")
     if not parts:
         raise ValueError("is empty")
-    return "/".join(parts)
+    path = "/".join(parts)
+    check_path(path)
+    return path
+
+
+def check_path(path: str) -> None:
+    """Raise ``ValueError`` unless every file system we write to can hold ``path`` as it is.
+
+    It must be text that encodes as UTF-8 (a lone surrogate, such as ``os.fsdecode`` makes of
+    an undecodable byte, would be written as that raw byte), hold no NUL, and fit Linux's
+    limits: :data:`NAME_MAX` bytes per component, :data:`MAX_PATH_BYTES` and
+    :data:`MAX_DEPTH` components in all. Other control characters are legal in POSIX names
+    and are kept; messages show them escaped.
+    """
+    if "\x00" in path:
+        raise ValueError("contains a NUL character")
+    try:
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"is {size} bytes long in UTF-8, more than the {MAX_PATH_BYTES} allowed")
+    parts = path.split("/")
+    if len(parts) > MAX_DEPTH:
+        raise ValueError(f"is {len(parts)} components deep, more than the {MAX_DEPTH} allowed")
+    for part in parts:
+        if (length := len(part.encode("utf-8"))) > NAME_MAX:
+            raise ValueError(f"has a component of {length} bytes in UTF-8, more than NAME_MAX ({NAME_MAX})")
 
 
 def collect_files(
@@ -71,25 +114,27 @@ def collect_files(
     """Validate ``(label, id, name, subdir, obj)`` entries, raising once with every problem.
 
     ``label`` names the object in messages (its index or id), ``error`` is the class raised.
-    Two files landing on the same path are refused: the second would overwrite the first.
+    Two files landing on the same path are refused: the second would overwrite the first; so
+    are a file ``a`` and a file ``a/b``: ``a`` cannot be both a file and a directory. The
+    message lists the first problems (:data:`PROBLEMS_SHOWN`, in :data:`PROBLEMS_CHARS`) and
+    counts the rest.
     """
     files: list[CartFile] = []
-    problems: list[str] = []
-    first: tuple[str, str] | None = None
-    seen: dict[str, str] = {}
+    problems = _Problems()
+    seen: dict[str, str] = {}  # path -> label of the object it came from
     for label, file_id, name, subdir, obj in entries:
         mine: list[tuple[str, str]] = []
         file = _build(file_id, name, subdir, obj, mine)
         if file is not None and file.path in seen:
-            mine.append(("path", f"{file.path!r} repeats the path of {seen[file.path]}"))
+            mine.append(("path", f"{echo(file.path)} repeats the path of {seen[file.path]}"))
         for field, why in mine:
-            problems.append(f"{label}: {field} {why}")
-            first = first or (label, field)
+            problems.add(label, field, why)
         if file is not None and not mine:
             seen[file.path] = label
             files.append(file)
-    if first is not None:
-        raise error(f"invalid {what}: " + "; ".join(problems), object=first[0], field=first[1])
+    for label, why in _clashes(seen):
+        problems.add(label, "path", why)
+    problems.raise_if_any(error, f"invalid {what}")
     if not files:
         raise NoFilesError(f"the {what} lists no files", field="files")
     return files
@@ -103,6 +148,53 @@ def as_yield_files(files: Iterable[CartFile]) -> YieldFiles:
         return (file.as_cartd() for file in frozen)
 
     return yield_files
+
+
+class _Problems:
+    """The problems found in a document: the first few spelled out, the rest only counted."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.chars = 0
+        self.count = 0
+        self.first: tuple[str, str] | None = None  # (label, field) of the first problem
+
+    def add(self, label: str, field: str, why: str) -> None:
+        line = f"{label}: {field} {why}"
+        fits = len(self.shown) < PROBLEMS_SHOWN and self.chars + len(line) <= PROBLEMS_CHARS
+        if fits and len(self.shown) == self.count:  # shown ones are the first, without a gap
+            self.shown.append(line)
+            self.chars += len(line)
+        self.count += 1
+        self.first = self.first or (label, field)
+
+    def raise_if_any(self, error: type[InvalidInputError], heading: str) -> None:
+        if self.first is None:
+            return
+        more = self.count - len(self.shown)
+        tail = f"; and {more} more problem(s)" if more else ""
+        raise error(
+            f"{heading}: " + "; ".join(self.shown) + tail,
+            object=self.first[0],
+            field=self.first[1],
+            problem_count=self.count,
+        )
+
+
+def _clashes(paths: Mapping[str, str]) -> Iterator[tuple[str, str]]:
+    """``(label, why)`` for each file that needs another file's path as a directory.
+
+    With ``/`` mapped to NUL, which no path holds, sorting puts the paths under ``a/`` right
+    after ``a``: comparing neighbours finds every clash in O(n log n) time and O(n) memory.
+    """
+    keys = sorted(path.replace("/", "\0") for path in paths)
+    for key, after in itertools.pairwise(keys):
+        if after.startswith(key + "\0"):
+            file, inner = key.replace("\0", "/"), after.replace("\0", "/")
+            yield (
+                paths[inner],
+                f"{echo(inner)} needs {echo(file)} as a directory, but it is the file of {paths[file]}",
+            )
 
 
 def _build(
@@ -127,33 +219,33 @@ def _file_id(value: Any, problems: list[tuple[str, str]]) -> str | None:
         return str(value)
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         return value
-    problems.append(("_id", "is missing" if value is None else f"is not a file id: {value!r}"))
+    problems.append(("_id", "is missing" if value is None else f"is not a file id: {echo(value)}"))
     return None
 
 
 def _path(name: Any, subdir: Any, problems: list[tuple[str, str]]) -> str | None:
     if not isinstance(name, str) or not name:
-        problems.append(("name", "is missing" if name is None else f"is not a name: {name!r}"))
+        problems.append(("name", "is missing" if name is None else f"is not a name: {echo(name)}"))
         return None
     if subdir is None:
         subdir = ""
     if not isinstance(subdir, str):
-        problems.append(("subdir", f"is not a string: {subdir!r}"))
+        problems.append(("subdir", f"is not a string: {echo(subdir)}"))
         return None
     try:
         return join_cart_path(subdir, name)
     except ValueError as exc:
-        problems.append(("path", f"{subdir!r} + {name!r} {exc}"))
+        problems.append(("path", f"{echo(subdir)} + {echo(name)} {exc}"))
         return None
 
 
 def _checksum(hashtype: Any, hashsum: Any, problems: list[tuple[str, str]]) -> tuple[str | None, str | None]:
     if not isinstance(hashtype, str) or hashtype.lower() not in SUPPORTED_HASHTYPES:
-        problems.append(("hashtype", f"is not a supported hash: {hashtype!r}"))
+        problems.append(("hashtype", f"is not a supported hash: {echo(hashtype)}"))
         return None, None
     hashtype = hashtype.lower()
     expected = hashlib.new(hashtype).digest_size * 2
     if not isinstance(hashsum, str) or len(hashsum) != expected or not _HEX.fullmatch(hashsum.lower()):
-        problems.append(("hashsum", f"is not a {hashtype} hex digest: {hashsum!r}"))
+        problems.append(("hashsum", f"is not a {hashtype} hex digest: {echo(hashsum)}"))
         return hashtype, None
     return hashtype, hashsum.lower()

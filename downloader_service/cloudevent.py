@@ -6,7 +6,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .cartfile import CartFile, YieldFiles, as_yield_files, collect_files
-from .errors import InvalidEventError
+from .errors import InvalidEventError, echo
 
 
 class CloudEvent:
@@ -27,10 +27,10 @@ class CloudEvent:
         if not isinstance(data, list):
             got = "missing" if data is None else f"a {type(data).__name__}"
             raise InvalidEventError(
-                f"event {event_id(cloudevent)!r}: data must be a list of metadata objects, got {got}",
+                f"event {echo(event_id(cloudevent))}: data must be a list of metadata objects, got {got}",
                 field="data",
             )
-        return collect_files(_entries(data), InvalidEventError, f"event {event_id(cloudevent)!r}")
+        return collect_files(_entries(data), InvalidEventError, f"event {echo(event_id(cloudevent))}")
 
     @staticmethod
     def yield_files(cloudevent: Mapping[str, Any]) -> YieldFiles:
@@ -50,5 +50,5 @@ def _entries(data: list[Any]) -> Iterator[tuple[str, Any, Any, Any, Mapping[str,
     for index, obj in enumerate(data):
         if not isinstance(obj, Mapping) or obj.get("destinationTable") != "Files":
             continue
-        label = f"data[{index}]" + (f" (_id {obj['_id']!r})" if "_id" in obj else "")
+        label = f"data[{index}]" + (f" (_id {echo(obj['_id'])})" if "_id" in obj else "")
         yield label, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archive import DEFAULT_CHUNK_SIZE, ExtractResult, check_filename, extract_cart
+from .archive import DEFAULT_CHUNK_SIZE, ExtractResult, check_destination, extract_cart
 from .cartapi import DEFAULT_CART_TIMEOUT, CartAPI
 from .cartfile import CartFile, as_yield_files
 from .cloudevent import CloudEvent
@@ -109,7 +109,7 @@ class Downloader:
     ) -> DownloadResult:
         """Cart, wait, stream and verify ``files``; on failure nothing new stays on disk."""
         target = self._location(location)
-        check_filename(filename)
+        check_destination(target, filename, files)  # before the cart: Cartd's work would be lost
         started = self.clock()
         cart_url = self.cart_api.setup_cart(as_yield_files(files))
         self.progress.cart_created(cart_url, len(files))

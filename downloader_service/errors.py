@@ -13,6 +13,7 @@ which turns it into an HTTP status) whether sending the same request again may s
     │   └── InvalidTransactionInfoError  a Policy transaction document, likewise
     ├── CartError                        talking to Cartd
     │   ├── CartFailedError              Cartd refused the cart or reported an error
+    │   │   └── CartGoneError            Cartd no longer knows the cart (404)  (retryable)
     │   ├── CartTimeoutError             not ready before the deadline    (retryable)
     │   └── CartUnavailableError         connection trouble or a 5xx      (retryable)
     ├── DownloadError                    fetching and writing the cart's tar
@@ -21,12 +22,45 @@ which turns it into an HTTP status) whether sending the same request again may s
     │   ├── IntegrityError               what landed is not what was asked for
     │   │   ├── HashMismatchError        a file's checksum differs
     │   │   └── MissingFileError         a requested file never arrived (retryable)
-    │   └── LocalStorageError            the disk refused (full, permissions) (retryable)
+    │   └── LocalStorageError            the disk refused (full, permissions) (retryable, except
+    │                                        when the destination itself is in the way: a symbolic
+    │                                        link, a file where a directory must go or the reverse)
     ├── PolicyUnavailableError           Pacifica Policy could not be asked   (retryable)
     └── ServiceBusyError                 the webhook's workers are all taken  (retryable)
+
+An instance may say otherwise than its class (``LocalStorageError(..., retryable=False)``) where
+the cause, not the class, decides whether a retry can help.
+
+Messages are bounded: values taken from the input are echoed through :func:`echo` (at most
+:data:`ECHO_CHARS` characters) and a whole message is cut at :data:`MAX_MESSAGE_CHARS`, so a
+hostile document or tar cannot turn one error into megabytes of reply or log.
 """
 
 from __future__ import annotations
+
+import reprlib
+from typing import Final
+
+ECHO_CHARS: Final = 200
+MAX_MESSAGE_CHARS: Final = 4000
+
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxlong = ECHO_CHARS
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+_ECHO.maxlevel = 3
+
+
+def echo(value: object) -> str:
+    """``repr(value)`` for a message, at most :data:`ECHO_CHARS` long (the middle elided)."""
+    return shorten(_ECHO.repr(value), ECHO_CHARS)
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and how much was cut."""
+    if len(text) <= limit:
+        return text
+    cut = f"… [{len(text) - limit} more characters]"
+    return text[: max(0, limit - len(cut))] + cut
 
 
 class DownloaderError(Exception):
@@ -34,9 +68,12 @@ class DownloaderError(Exception):
 
     retryable: bool = False
 
-    def __init__(self, message: str, **context: object) -> None:
+    def __init__(self, message: str, *, retryable: bool | None = None, **context: object) -> None:
+        message = shorten(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
+        if retryable is not None:
+            self.retryable = retryable
         # The context (url, cart_id, field, member, ...) is kept both as a dict, for logs and
         # JSON replies, and as attributes, for callers that handle one kind of error.
         self.context = dict(context)
@@ -77,6 +114,12 @@ class CartError(DownloaderError):
 
 class CartFailedError(CartError):
     """Cartd rejected the cart or reported that staging it failed."""
+
+
+class CartGoneError(CartFailedError):
+    """Cartd answered 404 for a cart it had accepted (it purged it); a new cart may work."""
+
+    retryable = True
 
 
 class CartTimeoutError(CartError):
@@ -120,7 +163,11 @@ class MissingFileError(IntegrityError):
 
 
 class LocalStorageError(DownloadError):
-    """Writing to the destination failed (disk full, permissions, a file in the way)."""
+    """Writing to the destination failed (disk full, permissions, a file in the way).
+
+    Retryable, except for the instances raised when the destination itself blocks the
+    download (a symbolic link, a file where a directory must go): a retry would meet it again.
+    """
 
     retryable = True
 

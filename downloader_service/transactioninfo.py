@@ -8,7 +8,7 @@ from typing import Any
 import requests
 
 from .cartfile import CartFile, YieldFiles, as_yield_files, collect_files
-from .errors import InvalidTransactionInfoError, PolicyUnavailableError
+from .errors import InvalidTransactionInfoError, PolicyUnavailableError, echo
 
 
 class TransactionInfo:
@@ -33,7 +33,7 @@ class TransactionInfo:
 
 def _entries(files: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any, Any, Mapping[str, Any]]]:
     for file_id, obj in files.items():
-        label = f"files[{file_id!r}]"
+        label = f"files[{echo(file_id)}]"
         if not isinstance(obj, Mapping):
             obj = {}
         yield label, file_id, obj.get("name"), obj.get("subdir"), obj
@@ -48,7 +48,7 @@ def fetch_transaction_info(
     """``GET {policy_url}/status/transactions/by_id/{id}``: the document ``yield_files`` reads."""
     if not str(transaction_id).isdigit():
         raise InvalidTransactionInfoError(
-            f"a transaction id is a number, not {transaction_id!r}", field="transaction_id"
+            f"a transaction id is a number, not {echo(transaction_id)}", field="transaction_id"
         )
     url = f"{policy_url.rstrip('/')}/status/transactions/by_id/{transaction_id}"
     try:

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from downloader_service import (
     MissingFileError,
     UnsafeArchiveError,
 )
-from downloader_service.archive import extract_cart
+from downloader_service.archive import MAX_HEADER_RECORD, _merge, extract_cart
 from downloader_service.progress import DownloadProgress
 from tests.fakecartd import Member, build_tar, sha1
 
@@ -198,12 +201,25 @@ def test_extract_cart_success_merges_into_an_existing_tree(tmp_path: Path) -> No
     (target / "data/keep/mine.txt").write_bytes(b"mine")
     (target / "data/bar.txt").write_bytes(b"old")
     extract(tmp_path, build_tar(GOOD))
-    assert tree(target) == {"data/a/b/foo.txt": FOO, "data/bar.txt": BAR, "data/keep/mine.txt": b"mine"}
+    assert tree(target) == {
+        "data/a/b/foo.txt": FOO,
+        "data/bar.txt": BAR,
+        "data/bar.txt.~1~": b"old",  # a file with other content is kept, never silently lost
+        "data/keep/mine.txt": b"mine",
+    }
 
 
 def test_extract_cart_refuses_filename_with_a_slash(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="single directory name"):
         extract_cart(io.BytesIO(build_tar(GOOD)), tmp_path, "../data", FILES)
+
+
+@pytest.mark.parametrize("filename", ["f" * 241, "d\udc80"], ids=["too-long-for-staging", "surrogate"])
+def test_extract_cart_refuses_a_filename_the_disk_cannot_hold(tmp_path: Path, filename: str) -> None:
+    # the staging directory is ".<filename>.part-XXXXXXXX": 241 bytes make it 256, over NAME_MAX
+    with pytest.raises(InvalidInputError, match="filename"):
+        extract_cart(io.BytesIO(build_tar(GOOD)), tmp_path, filename, FILES)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_extract_cart_unwritable_destination_is_local_storage_error(tmp_path: Path) -> None:
@@ -232,3 +248,271 @@ def test_extract_cart_absurd_mtime_still_writes_the_file(tmp_path: Path) -> None
     foo = build_tar([Member("data/a/b/foo.txt", FOO)], end=True)
     target = extract(tmp_path, members + foo)
     assert tree(target) == {"data/a/b/foo.txt": FOO, "data/bar.txt": BAR}
+
+
+# -- committing into a tree that is already there ------------------------------------------
+
+
+def outside_and_target(tmp_path: Path) -> tuple[Path, Path]:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "dest"
+    target.mkdir()
+    return outside, target
+
+
+@pytest.mark.parametrize(
+    ("link", "points_to"),
+    [("data", "."), ("data/a", "."), ("data/a/b", "."), ("data/bar.txt", "bar.txt")],
+)
+def test_extract_cart_never_writes_through_a_link_in_the_target(
+    tmp_path: Path, link: str, points_to: str
+) -> None:
+    outside, target = outside_and_target(tmp_path)
+    (outside / "bar.txt").write_bytes(b"theirs")
+    (target / link).parent.mkdir(parents=True, exist_ok=True)
+    (target / link).symlink_to(outside / points_to)
+    before = tree(outside)
+    with pytest.raises(LocalStorageError, match="symbolic link") as info:
+        extract(tmp_path, build_tar(GOOD))
+    assert info.value.path == link
+    assert not info.value.retryable  # the link will still be there
+    assert tree(outside) == before
+    assert sorted(p.name for p in target.iterdir()) == ["data"]  # no staging leftovers
+
+
+CONFLICTS = {
+    # the first file sorts before the conflict, so a commit that moves as it goes replaces it
+    "file where a directory must go": "data/b",
+    "directory where a file must go": "data/b/y.txt/",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFLICTS))
+def test_extract_cart_conflict_is_found_before_anything_moves(tmp_path: Path, case: str) -> None:
+    files = [CartFile("1", "a/x.txt", "sha1", sha1(FOO)), CartFile("2", "b/y.txt", "sha1", sha1(BAR))]
+    target = tmp_path / "dest"
+    (target / "data/a").mkdir(parents=True)
+    (target / "data/a/x.txt").write_bytes(b"edited by hand")
+    blocker = CONFLICTS[case]
+    if blocker.endswith("/"):
+        (target / blocker).mkdir(parents=True)
+    else:
+        (target / blocker).write_bytes(b"in the way")
+    before = tree(target)
+    tar = build_tar([Member("data/a/x.txt", FOO), Member("data/b/y.txt", BAR)])
+    with pytest.raises(LocalStorageError, match="needs a") as info:
+        extract(tmp_path, tar, files=files)
+    assert info.value.path == blocker.rstrip("/")
+    assert not info.value.retryable
+    assert tree(target) == before
+    assert sorted(p.name for p in target.iterdir()) == ["data"]
+
+
+def test_extract_cart_keeps_a_changed_file_under_the_next_free_backup_name(tmp_path: Path) -> None:
+    target = tmp_path / "dest"
+    (target / "data").mkdir(parents=True)
+    (target / "data/bar.txt").write_bytes(b"edited")
+    (target / "data/bar.txt.~1~").write_bytes(b"an older backup")
+    result = extract_cart(io.BytesIO(build_tar([*DIRS, *GOOD[2:]])), target, "data", FILES)
+    assert tree(target) == {
+        "data/a/b/foo.txt": FOO,
+        "data/bar.txt": BAR,
+        "data/bar.txt.~1~": b"an older backup",
+        "data/bar.txt.~2~": b"edited",
+    }
+    assert result.files == (target / "data/a/b/foo.txt", target / "data/bar.txt")
+
+
+def test_extract_cart_same_file_again_makes_no_backup(tmp_path: Path) -> None:
+    extract(tmp_path, build_tar(GOOD))
+    extract(tmp_path, build_tar(GOOD))
+    assert tree(tmp_path / "dest") == {"data/a/b/foo.txt": FOO, "data/bar.txt": BAR}
+
+
+def test_merge_undoes_every_move_when_one_fails(tmp_path: Path) -> None:
+    target = tmp_path / "dest"
+    (target / "data/a").mkdir(parents=True)
+    (target / "data/a/x.txt").write_bytes(b"edited")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "x.txt").write_bytes(b"new")
+    before = tree(target)
+    # the plan finds no conflict; the second move fails (its staged file is gone) after the
+    # first has made a backup, moved a file in and made a directory
+    with pytest.raises(LocalStorageError, match="cannot put the cart into place"):
+        _merge(target, {"data/a/x.txt": staging / "x.txt", "data/new/y.txt": staging / "gone"})
+    assert tree(target) == before
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["data", "data/a", "data/a/x.txt"]
+    assert (staging / "x.txt").read_bytes() == b"new"
+
+
+# -- header records are bounded before they are read ---------------------------------------
+
+
+def raw_header(name: str, type_: bytes, size: int) -> bytes:
+    """One 512-byte header block announcing ``size`` bytes, whatever follows."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mtime = type_, size, 1_500_000_000
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+class LazyStream:
+    """A tar stream made of byte strings and ``(filler, count)`` runs produced on demand."""
+
+    def __init__(self, parts: Iterable[bytes | tuple[bytes, int]]) -> None:
+        self.parts = list(parts)
+        self.consumed = 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self.parts:
+            part = self.parts[0]
+            if isinstance(part, bytes):
+                self.parts[0] = part[size:] if size >= 0 else b""
+                out = part[:size] if size >= 0 else part
+            else:
+                filler, count = part
+                out = filler * min(count, size if size >= 0 else count, 1 << 16)
+                self.parts[0] = (filler, count - len(out))
+            if not out:
+                self.parts.pop(0)
+                continue
+            self.consumed += len(out)
+            return out
+        return b""
+
+
+def hostile_headers(kind: str) -> list[bytes | tuple[bytes, int]]:
+    """A tar whose first member is preceded by a huge or endless header record."""
+    member = [raw_header("data/bar.txt", tarfile.REGTYPE, len(BAR)), BAR + b"\0" * 508, b"\0" * 1024]
+    if kind == "pax header of 64 MiB":
+        size = 64 << 20
+        record = f"{size} comment=".encode()
+        return [
+            raw_header("././@PaxHeader", tarfile.XHDTYPE, size),
+            record,
+            (b"a", size - len(record) - 1),
+            b"\n",
+            *member,
+        ]
+    if kind == "GNU long name of 16 MiB":
+        size = 16 << 20
+        return [raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, size), (b"a", size), *member]
+    if kind == "global pax headers of 64 KiB each":
+        record = b"65536 comment=" + b"g" * (65536 - 15) + b"\n"
+        return [
+            p for _ in range(64) for p in (raw_header("pax_global_header", tarfile.XGLTYPE, 65536), record)
+        ]
+    if kind == "3000 pax headers in a row":
+        record = b"12 comment=\n".ljust(512, b"\0")
+        return [p for _ in range(3000) for p in (raw_header("././@PaxHeader", tarfile.XHDTYPE, 12), record)]
+    if kind == "sparse member with endless map blocks":
+        header = bytearray(raw_header("data/bar.txt", tarfile.GNUTYPE_SPARSE, 0))
+        header[482] = 1  # isextended: a map block follows, which says another follows, ...
+        header[148:156] = b"%06o\0 " % (sum(header[:148]) + 8 * 32 + sum(header[156:]))
+        block = b"\0" * 504 + b"\1" + b"\0" * 7
+        return [bytes(header), *[block] * 20000]
+    raise AssertionError(kind)
+
+
+HOSTILE_HEADERS = [
+    "pax header of 64 MiB",
+    "GNU long name of 16 MiB",
+    "global pax headers of 64 KiB each",
+    "3000 pax headers in a row",
+    "sparse member with endless map blocks",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE_HEADERS)
+def test_extract_cart_refuses_hostile_header_records_before_reading_them(tmp_path: Path, kind: str) -> None:
+    stream = LazyStream(hostile_headers(kind))
+    with pytest.raises(UnsafeArchiveError, match="refusing the tar header") as info:
+        extract_cart(stream, tmp_path / "dest", "data", FILES)  # type: ignore[arg-type]
+    assert stream.consumed <= 2 * MAX_HEADER_RECORD + 64 * 1024  # one chunk past the limit at most
+    assert len(str(info.value)) < 500
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+MEASURE = """
+import resource, sys, tempfile
+from pathlib import Path
+from downloader_service import DownloaderError
+from downloader_service.archive import extract_cart
+from tests.test_archive import FILES, LazyStream, hostile_headers
+stream = LazyStream(hostile_headers(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with tempfile.TemporaryDirectory() as tmp:
+    try:
+        extract_cart(stream, Path(tmp), "data", FILES)
+    except DownloaderError as exc:
+        print(type(exc).__name__, len(str(exc)))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("kind", ["pax header of 64 MiB", "GNU long name of 16 MiB"])
+def test_extract_cart_hostile_header_records_leave_peak_memory_flat(kind: str) -> None:
+    # Peak RSS belongs to a process, so it is measured in a fresh one (was +192 and +48 MiB).
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, kind],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split("\n")
+    assert out[0].startswith("UnsafeArchiveError"), out
+    assert int(out[1]) < 8, f"peak RSS grew by {out[1]} MiB"
+
+
+def test_extract_cart_does_not_keep_every_member_in_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    entries = [raw_header("data", tarfile.DIRTYPE, 0)] * 5000
+    tracemalloc.start()
+    try:
+        extract_cart(LazyStream([*entries, b"\0" * 1024]), tmp_path, "data", None)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes"  # tarfile's list of members held ~2.4 MB (~480 B each)
+
+
+def test_extract_cart_takes_cartd_pax_headers_for_long_paths(tmp_path: Path) -> None:
+    path = "/".join(["d" * 250] * 12)  # 3,011 bytes: near MAX_PATH_BYTES, every part at NAME_MAX
+    info = tarfile.TarInfo(f"data/{path}")
+    info.size, info.mtime = len(BAR), 1_500_000_000.25  # Cartd's float mtimes: a pax header each
+    data = info.tobuf(tarfile.PAX_FORMAT) + BAR + b"\0" * (512 - len(BAR)) + b"\0" * 1024
+    target = extract(tmp_path, data, files=[CartFile("1", path, "sha1", sha1(BAR))])
+    assert (target / "data" / path).read_bytes() == BAR
+
+
+def test_extract_cart_refuses_a_negative_size(tmp_path: Path) -> None:
+    data = raw_header("data/bar.txt", tarfile.REGTYPE, -5) + b"\0" * 1024
+    with pytest.raises(UnsafeArchiveError, match="negative size"):
+        extract(tmp_path, data)
+
+
+def test_extract_cart_refuses_gnu_sparse_1_0_before_reading_its_map(tmp_path: Path) -> None:
+    info = tarfile.TarInfo("data/bar.txt")
+    info.size = 512
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "9"}
+    data = info.tobuf(tarfile.PAX_FORMAT) + b"99999999999\n".ljust(512, b"1") + b"\0" * 1024
+    with pytest.raises(UnsafeArchiveError, match="sparse"):
+        extract(tmp_path, data)
+
+
+def test_extract_cart_unverified_refuses_names_the_disk_cannot_hold(tmp_path: Path) -> None:
+    for name, why in [("data/" + "n" * 300, "NAME_MAX"), ("data/f\udc80", "not valid Unicode")]:
+        with pytest.raises(UnsafeArchiveError, match=why):
+            extract(tmp_path, build_tar([Member(name, b"x")]), files=None)
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_extract_cart_bounds_every_echoed_name(tmp_path: Path) -> None:
+    name = "data/" + "z" * 60_000  # as long as a pax header may make it
+    with pytest.raises(UnsafeArchiveError) as info:
+        extract(tmp_path, build_tar([Member(name, b"x")]))
+    assert len(str(info.value)) < 400
+    assert len(info.value.member) <= 4096

@@ -8,6 +8,7 @@ import requests
 from downloader_service import (
     CartAPI,
     CartFailedError,
+    CartGoneError,
     CartTimeoutError,
     CartUnavailableError,
     DownloadInterruptedError,
@@ -107,9 +108,19 @@ def test_wait_for_cart_never_ready_times_out_at_deadline(fake_cartd: FakeCartd) 
     assert sum(clock.sleeps) == pytest.approx(3.0)
 
 
-def test_wait_for_cart_unknown_cart_fails_at_once(fake_cartd: FakeCartd) -> None:
-    with pytest.raises(CartFailedError, match="404"):
+def test_wait_for_cart_unknown_cart_fails_at_once_as_gone_and_retryable(fake_cartd: FakeCartd) -> None:
+    with pytest.raises(CartGoneError, match="404") as info:
         CartAPI(fake_cartd.url).wait_for_cart(f"{fake_cartd.url}/nope", timeout=5)
+    assert isinstance(info.value, CartFailedError)
+    assert info.value.retryable  # Cartd purged it: a new cart may work
+
+
+def test_open_cart_purged_between_ready_and_get_is_gone(fake_cartd: FakeCartd) -> None:
+    api = CartAPI(fake_cartd.url)
+    cart_url = api.setup_cart(lambda: iter(one_file()))
+    fake_cartd.get_status = 404
+    with pytest.raises(CartGoneError, match="404"), api.open_cart(cart_url):
+        pass
 
 
 def test_requests_carry_upstream_auth_dict(fake_cartd: FakeCartd) -> None:

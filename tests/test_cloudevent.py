@@ -148,3 +148,55 @@ def test_files_accepts_uppercase_hashes_and_string_ids() -> None:
 def test_files_refuses_ids_that_are_not_file_ids(bad_id: object) -> None:
     with pytest.raises(InvalidEventError, match="_id is not a file id"):
         CloudEvent.files(make_event([{**file_obj(1, "f", "", b"z"), "_id": bad_id}]))
+
+
+@pytest.mark.parametrize(
+    ("name", "subdir", "why"),
+    [
+        ("n" * 300, "", "component of 300 bytes"),
+        ("f.txt", "d" * 300, "component of 300 bytes"),
+        ("f.txt", "/".join(["d" * 250] * 20), "bytes long"),  # 5,020 bytes
+        ("f\udc80", "", "not valid Unicode"),
+        ("f.txt", "a\udfffb", "not valid Unicode"),
+    ],
+    ids=["300-byte-name", "300-byte-subdir", "5000-byte-path", "surrogate-name", "surrogate-subdir"],
+)
+def test_files_refuses_names_a_file_system_cannot_hold(name: str, subdir: str, why: str) -> None:
+    event = make_event([file_obj(1, "ok.txt", "", b"1"), file_obj(2, name, subdir, b"2")])
+    with pytest.raises(InvalidEventError, match=why) as info:
+        CloudEvent.files(event)
+    assert info.value.object == "data[2] (_id 2)"
+    assert info.value.field == "path"
+    assert not info.value.retryable
+    assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("order", ["file-first", "directory-first"])
+def test_files_refuses_a_file_that_another_file_needs_as_a_directory(order: str) -> None:
+    file, inner = file_obj(1, "a", "", b"1"), file_obj(2, "b", "a", b"2")
+    objs = [file, inner] if order == "file-first" else [inner, file]
+    with pytest.raises(
+        InvalidEventError, match="'a/b' needs 'a' as a directory, but it is the file of"
+    ) as info:
+        CloudEvent.files(make_event(objs))
+    # the file that needs the directory is named, whichever comes first
+    assert info.value.object == ("data[2] (_id 2)" if order == "file-first" else "data[1] (_id 2)")
+    assert info.value.field == "path"
+
+
+def test_files_error_for_100000_invalid_files_is_a_few_kilobytes() -> None:
+    objs = [{**file_obj(i, f"f{i}", "", b""), "hashsum": "not hex " * 50} for i in range(100_000)]
+    with pytest.raises(InvalidEventError) as info:
+        CloudEvent.files(make_event(objs))
+    assert len(str(info.value)) <= 4000
+    assert str(info.value).endswith("more problem(s)")
+    assert info.value.problem_count == 100_000
+
+
+def test_files_shortens_a_huge_id_and_event_id_in_messages() -> None:
+    event = make_event([{**file_obj(1, "f", "", b""), "_id": "9" * 100_000, "hashtype": "nope"}])
+    event["eventID"] = "e" * 100_000
+    with pytest.raises(InvalidEventError) as info:
+        CloudEvent.files(event)
+    assert len(str(info.value)) < 1000
+    assert len(info.value.object) < 300

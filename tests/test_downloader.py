@@ -14,6 +14,8 @@ from downloader_service import (
     DownloadInterruptedError,
     DownloadResult,
     HashMismatchError,
+    InvalidEventError,
+    LocalStorageError,
     NoFilesError,
     UnsafeArchiveError,
 )
@@ -163,3 +165,60 @@ def test_hostile_tar_from_cartd_is_refused(
     fake_cartd.body = lambda cart, name: [evil]
     failing(tmp_path, fake_cartd, event, UnsafeArchiveError)
     assert not (tmp_path / "x").exists()
+
+
+def test_invalid_names_are_refused_before_cartd_or_disk(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    event = make_event(
+        [file_obj(1, "n" * 300, "", b"1"), file_obj(2, "a", "", b"2"), file_obj(3, "b", "a", b"3")]
+    )
+    with pytest.raises(InvalidEventError, match="component of 300 bytes") as info:
+        Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(event)
+    assert "'a/b' needs 'a' as a directory" in str(info.value)
+    assert fake_cartd.requests == []
+    assert not (tmp_path / "dl").exists()
+
+
+def test_a_location_too_deep_for_the_paths_is_refused_before_a_cart(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    event = make_event([file_obj(1, "f", "/".join(["d" * 250] * 12), b"1")])  # a 3,013-byte path
+    deep = tmp_path.joinpath(*["l" * 250] * 4)
+    with pytest.raises(LocalStorageError, match="PATH_MAX") as info:
+        Downloader(deep, fake_cartd.url).cloudevent(event)
+    assert not info.value.retryable
+    assert fake_cartd.requests == []
+
+
+def test_cloudevent_never_writes_through_a_link_planted_in_the_location(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    outside = tmp_path / "outside"
+    (outside / "a").mkdir(parents=True)
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl/data").symlink_to(outside)
+    with pytest.raises(LocalStorageError, match="symbolic link") as info:
+        Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(event)
+    assert not info.value.retryable
+    assert listing(outside) == ["a"]
+    assert listing(tmp_path / "dl") == ["data"]  # the link, and no staging leftovers
+    assert len(fake_cartd.deleted) == 1
+
+
+def test_cloudevent_again_into_the_same_location_keeps_only_changed_files(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url)
+    downloader.cloudevent(event)
+    (tmp_path / "dl/data/bar.txt").write_bytes(b"edited by a scientist")
+    result = downloader.cloudevent(event)
+    assert listing(tmp_path / "dl") == [
+        "data",
+        "data/a",
+        "data/a/b",
+        "data/a/b/foo.txt",
+        "data/bar.txt",
+        "data/bar.txt.~1~",
+    ]
+    assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
+    assert (tmp_path / "dl/data/bar.txt.~1~").read_bytes() == b"edited by a scientist"
+    assert result.files == (tmp_path / "dl/data/a/b/foo.txt", tmp_path / "dl/data/bar.txt")

@@ -45,3 +45,22 @@ def test_yield_files_with_no_files_is_no_files_error() -> None:
 def test_yield_files_refuses_a_file_that_is_not_an_object() -> None:
     with pytest.raises(InvalidTransactionInfoError, match="name is missing"):
         TransactionInfo.yield_files(transinfo(**{"3": "oops"}))  # type: ignore[arg-type]
+
+
+def test_yield_files_refuses_a_file_that_another_file_needs_as_a_directory() -> None:
+    doc = transinfo(
+        **{
+            "34": {"name": "b.txt", "subdir": "a/x", "hashtype": "sha1", "hashsum": sha1(b"")},
+            "35": {"name": "x", "subdir": "a", "hashtype": "sha1", "hashsum": sha1(b"")},
+        }
+    )
+    with pytest.raises(InvalidTransactionInfoError, match=r"'a/x/b\.txt' needs 'a/x' as a directory") as info:
+        TransactionInfo.yield_files(doc)
+    assert info.value.object == "files['34']"
+
+
+def test_yield_files_shortens_a_huge_file_id_in_messages() -> None:
+    doc = transinfo(**{"7" * 100_000: {"name": "f\udc80", "hashtype": "sha1", "hashsum": sha1(b"")}})
+    with pytest.raises(InvalidTransactionInfoError, match="not valid Unicode") as info:
+        TransactionInfo.yield_files(doc)
+    assert len(str(info.value)) < 1000

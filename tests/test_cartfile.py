@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from downloader_service import CartFile, InvalidInputError, LocalStorageError
+from downloader_service.cartfile import (
+    MAX_DEPTH,
+    MAX_PATH_BYTES,
+    NAME_MAX,
+    PROBLEMS_SHOWN,
+    collect_files,
+    join_cart_path,
+)
+from downloader_service.errors import ECHO_CHARS, MAX_MESSAGE_CHARS, echo
+from tests.fakecartd import sha1
+
+SUM = sha1(b"")
+
+
+def entry(
+    label: str, name: Any, subdir: Any = "", file_id: Any = 1
+) -> tuple[str, Any, Any, Any, dict[str, Any]]:
+    return label, file_id, name, subdir, {"hashtype": "sha1", "hashsum": SUM}
+
+
+@pytest.mark.parametrize(
+    ("subdir", "name"),
+    [
+        ("", "n" * NAME_MAX),
+        ("d" * NAME_MAX, "n"),
+        ("", "é" * (NAME_MAX // 2)),  # 254 bytes in UTF-8
+        ("/".join(["d" * 200] * 15), "n" * (MAX_PATH_BYTES - 15 * 201)),  # exactly MAX_PATH_BYTES
+        ("/".join("d" * (MAX_DEPTH - 1)), "n"),
+        ("a", "tab\there"),  # legal in POSIX names; kept, and shown escaped in messages
+    ],
+)
+def test_join_cart_path_takes_names_up_to_the_limits(subdir: str, name: str) -> None:
+    path = join_cart_path(subdir, name)
+    assert len(path.encode()) <= MAX_PATH_BYTES
+
+
+@pytest.mark.parametrize(
+    ("subdir", "name", "why"),
+    [
+        ("", "n" * (NAME_MAX + 45), "component of 300 bytes"),
+        ("d" * 300, "n", "component of 300 bytes"),
+        ("", "資" * 100, "component of 300 bytes"),  # 100 characters, 300 bytes
+        ("/".join(["d" * 250] * 20), "n" * 10, "is 5030 bytes long"),
+        ("/".join("d" * MAX_DEPTH), "n", f"{MAX_DEPTH + 1} components deep"),
+        ("", "f\udc80", "not valid Unicode"),  # what os.fsdecode makes of the byte 0x80
+        ("sub\ud800dir", "f", "not valid Unicode"),
+    ],
+    ids=[
+        "300-byte-name",
+        "300-byte-subdir",
+        "300-byte-kanji-name",
+        "5030-byte-path",
+        "too-deep",
+        "surrogate-name",
+        "surrogate-subdir",
+    ],
+)
+def test_join_cart_path_refuses_what_a_file_system_cannot_hold(subdir: str, name: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        join_cart_path(subdir, name)
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [("a", "a/b"), ("a/b", "a"), ("x/a", "x/a/b/c"), ("x/a/b/c", "x/a")],
+    ids=["file-first", "directory-first", "deep-file-first", "deep-directory-first"],
+)
+def test_collect_files_refuses_a_file_that_another_needs_as_a_directory(paths: tuple[str, str]) -> None:
+    first, second = paths
+    entries = [entry("data[1]", "ok.txt"), entry("data[2]", first), entry("data[3]", second, file_id=3)]
+    with pytest.raises(InvalidInputError, match="as a directory, but it is the file of") as info:
+        collect_files(entries, InvalidInputError, "event")
+    inner, file = (second, first) if len(second) > len(first) else (first, second)
+    assert f"{inner!r} needs {file!r} as a directory" in str(info.value)
+    assert info.value.field == "path"
+    assert info.value.object == ("data[3]" if inner == second else "data[2]")
+
+
+def test_collect_files_takes_siblings_that_share_a_prefix() -> None:
+    # "a" sorts before "a-b" and "a.txt" but is not their directory
+    files = collect_files(
+        [entry("0", "a"), entry("1", "a-b/c"), entry("2", "a.txt"), entry("3", "ab/c")],
+        InvalidInputError,
+        "x",
+    )
+    assert [file.path for file in files] == ["a", "a-b/c", "a.txt", "ab/c"]
+
+
+def test_collect_files_message_is_bounded_for_100000_problems() -> None:
+    entries = [entry(f"data[{i}]", "n" * 1000, file_id=i) for i in range(100_000)]
+    with pytest.raises(InvalidInputError) as info:
+        collect_files(entries, InvalidInputError, "event")
+    message = str(info.value)
+    assert len(message) <= MAX_MESSAGE_CHARS
+    shown = message.count("more than NAME_MAX")
+    assert 1 <= shown <= PROBLEMS_SHOWN
+    assert message.endswith(f"; and {100_000 - shown} more problem(s)")
+    assert info.value.problem_count == 100_000
+    assert info.value.object == "data[0]"
+
+
+@pytest.mark.parametrize(
+    "field", ["_id", "name", "not a name", "subdir", "not a subdir", "hashtype", "hashsum"]
+)
+def test_collect_files_shortens_every_echoed_value(field: str) -> None:
+    huge = "x" * 1_000_000
+    label, file_id, name, subdir, obj = entry("data[0]", "f")
+    if field == "_id":
+        file_id = huge
+    elif field == "name":
+        name = huge
+    elif field == "not a name":
+        name = ["not a name", huge]
+    elif field == "subdir":
+        subdir = huge
+    elif field == "not a subdir":
+        subdir = {"not": huge}
+    else:
+        obj[field] = huge
+    with pytest.raises(InvalidInputError) as info:
+        collect_files([(label, file_id, name, subdir, obj)], InvalidInputError, "event")
+    assert len(str(info.value)) < 3 * ECHO_CHARS
+
+
+@pytest.mark.parametrize("path", ["n" * 300, "d/" * 2600 + "f", "f\udc80"])
+def test_cart_file_from_cartd_applies_the_same_limits(path: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        CartFile.from_cartd({"id": "1", "path": path, "hashtype": "sha1", "hashsum": SUM})
+    assert info.value.field == "path"
+    assert len(str(info.value)) < 4 * ECHO_CHARS
+
+
+def test_echo_keeps_short_values_and_elides_long_ones() -> None:
+    assert echo("a/b.txt") == "'a/b.txt'"
+    assert echo(34) == "34"
+    long = echo("z" * 1_000_000)
+    assert len(long) <= ECHO_CHARS and long.startswith("'zzz") and "..." in long
+    assert len(echo({"k": ["v" * 10_000] * 10_000})) <= ECHO_CHARS
+
+
+def test_error_message_is_capped_and_retryable_may_be_set_per_error() -> None:
+    error = LocalStorageError("x" * 100_000, path="p", retryable=False)
+    assert len(str(error)) == MAX_MESSAGE_CHARS
+    assert str(error).endswith("more characters]")
+    assert not error.retryable and LocalStorageError("y").retryable
+    assert error.context == {"path": "p"}
