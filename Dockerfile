@@ -13,18 +13,20 @@ COPY setup.py pyproject.toml README.md ./
 COPY downloader_service ./downloader_service
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin downloader \
-    && mkdir -p /data \
-    && chown downloader /data
+    && mkdir -p /data /state \
+    && chown downloader /data /state
 
-# In a container the service listens on every interface; downloads go to the /data volume.
+# In a container the service listens on every interface; downloads go to the /data volume,
+# the job store (SQLite unless DOWNLOADER_DATABASE_URL names PostgreSQL) to the /state volume.
 ENV DOWNLOADER_HOST=0.0.0.0 \
     DOWNLOADER_PORT=8080 \
     DOWNLOADER_ROOT=/data \
+    DOWNLOADER_STATE_DIR=/state \
     CARTD_URL=http://cartd:8081
 
 USER downloader
 WORKDIR /data
-VOLUME ["/data"]
+VOLUME ["/data", "/state"]
 EXPOSE 8080
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \

@@ -13,7 +13,10 @@ setup(
     license="LGPL-3.0-or-later",
     python_requires=">=3.11",
     packages=find_packages(include=["downloader_service", "downloader_service.*"]),
-    package_data={"downloader_service": ["py.typed"]},
+    package_data={
+        "downloader_service": ["py.typed"],
+        "downloader_service.service": ["migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
+    },
     install_requires=[
         "requests>=2.31,<3",
         "CherryPy>=18.9,<19",
@@ -21,6 +24,11 @@ setup(
         "cloudevents>=2.2,<3",
         "prometheus-client>=0.20,<1",
         "tqdm>=4.66,<5",
+        # The job store: one schema on SQLite or PostgreSQL (SQLAlchemy Core), migrated by
+        # Alembic; psycopg 3 is the PostgreSQL driver (binary wheels: no compiler, no libpq).
+        "SQLAlchemy>=2.0.30,<2.2",
+        "alembic>=1.13,<2",
+        "psycopg[binary]>=3.2,<4",
     ],
     extras_require={
         "test": [

@@ -75,7 +75,6 @@ SERVICE_EVENTS = 50
 SERVICE_CART_TIMEOUT = 30  # seconds; a cart stuck on Cartd's side must not hold the run for 120 s
 NO_ANSWER = 0  # the "status" of a request that got no HTTP answer
 SERVICE_WORKERS = 4
-SERVICE_QUEUE = 64
 REJECT_SECONDS = 5.0
 REJECT_THREADS = 4
 
@@ -494,7 +493,8 @@ def running_service(bench: Bench, root: Path) -> Iterator[str]:
         "CARTD_URL": bench.stack.cartd_url,
         "DOWNLOADER_ROOT": str(root),
         "DOWNLOADER_WORKERS": str(SERVICE_WORKERS),
-        "DOWNLOADER_QUEUE_SIZE": str(SERVICE_QUEUE),
+        # A job store of the run's own, beside the downloads.
+        "DOWNLOADER_STATE_DIR": str(root.parent / "service-state"),
         "DOWNLOADER_HOST": HOST,
         "DOWNLOADER_CART_TIMEOUT": str(SERVICE_CART_TIMEOUT),
     }
@@ -701,7 +701,7 @@ def render(results: list[WorkloadResult], service: ServiceResult | None, quick: 
         )
         lines += [
             "",
-            f"Service (`downloader-service serve`, {SERVICE_WORKERS} workers, queue {SERVICE_QUEUE},"
+            f"Service (`downloader-service serve`, {SERVICE_WORKERS} workers, SQLite job store,"
             " synchronous answers):",
             "",
             "| measure | value |",

@@ -18,7 +18,9 @@ import pytest
 import requests
 
 from tests.fakecartd import FakeCartd
+from tests.notifications_stack import NotificationsStack
 from tests.pacifica_stack import PacificaStack
+from tests.postgres_server import PostgresServer
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -76,12 +78,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """Run ``downloader-service serve`` on a free port with ``env``; stop it (by PID) after."""
-    port = free_port()
+def served(
+    env: dict[str, str], log: Path, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run ``downloader-service serve`` with ``env``; stop it (by PID) after.
+
+    ``port`` defaults to a free one; pass the port of an earlier run to restart on it.
+    """
+    if port is None:
+        port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(SCRIPT), "serve", "--port", str(port)], env={**os.environ, **env}, stderr=out, stdout=out
+            [str(SCRIPT), "serve", "--port", str(port)],
+            # A state directory of the test's own: the job store must not outlive the test.
+            env={**os.environ, "DOWNLOADER_STATE_DIR": str(log.parent / "state"), **env},
+            stderr=out,
+            stdout=out,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -99,3 +111,28 @@ def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Pop
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on 127.0.0.1 (scripts/install-postgres.sh installs it)."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    server.start(timeout=60)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def notifications_stack(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[NotificationsStack]:
+    """The real pacifica-notifications 0.5.2 (REST server + Celery worker) on a fresh database."""
+    venv = Path(os.environ.get("PACIFICA_VENV", REPO / ".venv-pacifica"))
+    if not (venv / "bin" / "pacifica-notifications").exists():
+        pytest.fail(f"no pacifica-notifications in {venv}: run scripts/install-pacifica-stack.sh")
+    stack = NotificationsStack(
+        tmp_path_factory.mktemp("notifications"), venv, postgres.create_database("notifications")
+    )
+    stack.start(timeout=60)
+    yield stack
+    stack.stop()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
@@ -313,3 +314,52 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing(
     assert "Traceback" not in stderr
     assert list(out.iterdir()) == []
     assert len(fake_cartd.deleted) == 1
+
+
+def test_jobs_commands_show_retry_and_delete_from_the_store(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    import os
+
+    from downloader_service.service.app import create_app
+    from downloader_service.service.settings import settings_from_env
+
+    env = {**os.environ, "DOWNLOADER_STATE_DIR": str(tmp_path / "state")}
+    assert run("jobs", "list", env=env).returncode == 1  # no store yet: says so, no traceback
+    assert run("db", "check", env=env).returncode == 1
+    upgraded = run("db", "upgrade", env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "schema revision 0001" in upgraded.stdout
+
+    fake_cartd.add(34, FOO)
+    fake_cartd.head = lambda cart: (500, "error", "archive down")
+    app = create_app(settings_from_env(env, cartd_url=fake_cartd.url, retry_window=0))
+    service = app.service
+    try:
+        [(job, _)] = service.accept([_received("cli-1", [file_obj(34, "foo.txt", "a", FOO)])])
+        deadline = time.monotonic() + 10
+        while (current := service.store.get(job.id)) is None or current.state != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        service.close()
+
+    listing = run("jobs", "list", "--state", "failed", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert job.id in listing.stdout and "cart_failed" in listing.stdout
+    as_json = [json.loads(line) for line in run("jobs", "list", "--json", env=env).stdout.splitlines()]
+    assert [(j["job_id"], j["state"], j["error"]) for j in as_json] == [(job.id, "failed", "cart_failed")]
+    shown = json.loads(run("jobs", "show", job.id, env=env).stdout)
+    assert shown["event"]["id"] == "cli-1"
+    assert shown["detail"].startswith("Cartd failed the cart")
+    retried = run("jobs", "retry", job.id, env=env)
+    assert retried.returncode == 0 and "queued" in retried.stdout
+    assert run("jobs", "retry", "nope", env=env).returncode == 3
+    deleted = run("jobs", "delete", job.id, env=env)
+    assert deleted.returncode == 0 and f"deleted {job.id}" in deleted.stdout
+    assert run("jobs", "show", job.id, env=env).returncode == 3
+
+
+def _received(event_id: str, files: list[dict[str, Any]]) -> Any:
+    from downloader_service.service.webhook import ReceivedEvent
+
+    event = make_event(files, event_id=event_id)
+    return ReceivedEvent(event_id, event["source"], event["eventType"], "notifications-0.1", event["data"])

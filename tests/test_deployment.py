@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from downloader_service.settings import describe, settings_from_env
+from downloader_service.service.settings import describe, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN = {row[0] for row in describe()}

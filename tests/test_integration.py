@@ -18,8 +18,8 @@ from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client
 
 from downloader_service import CartAPI, CartFailedError, Downloader, InvalidEventError
-from downloader_service.service import create_app
-from downloader_service.settings import settings_from_env
+from downloader_service.service.app import create_app
+from downloader_service.service.settings import settings_from_env
 from tests.events import file_obj, make_event
 from tests.pacifica_stack import PacificaStack
 
@@ -120,9 +120,15 @@ def test_cartapi_upstream_calls_against_real_cartd(
 
 @pytest.fixture
 def service(pacifica_stack: PacificaStack, tmp_path: Path) -> Iterator[Client]:
-    app = create_app(settings_from_env({}, cartd_url=pacifica_stack.cartd_url, download_root=str(tmp_path)))
+    settings = settings_from_env(
+        {},
+        cartd_url=pacifica_stack.cartd_url,
+        download_root=str(tmp_path),
+        state_dir=str(tmp_path / ".state"),
+    )
+    app = create_app(settings)
     yield Client(app)
-    app.service.runner.shutdown()
+    app.service.close()
 
 
 def test_service_downloads_notifications_structured_and_binary_events(
@@ -148,14 +154,15 @@ def test_service_downloads_notifications_structured_and_binary_events(
     assert (Path(resp.json["download_path"]) / "data/run/1/f.bin").read_bytes() == data
 
 
-def test_service_cart_failure_is_502_and_leaves_no_directory(
+def test_service_cart_failure_is_a_failed_job_and_leaves_no_directory(
     service: Client, pacifica_stack: PacificaStack, tmp_path: Path
 ) -> None:
     event = make_event([file_obj(999_998, "ghost.txt", "", b"x")])
     resp = service.post("/", data=json.dumps(event), headers={"Content-Type": "application/json"})
-    assert resp.status_code == 502
+    assert resp.status_code == 200  # the event is safe; its job failed for good (a dead letter)
+    assert resp.json["state"] == "failed"
     assert resp.json["error"] == "cart_failed"
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".state"]
 
 
 def test_cli_downloads_event_from_real_cartd(

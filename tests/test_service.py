@@ -13,8 +13,8 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client, TestResponse
 
-from downloader_service.service import create_app
-from downloader_service.settings import settings_from_env
+from downloader_service.service.app import create_app
+from downloader_service.service.settings import settings_from_env
 from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after
 
@@ -32,6 +32,7 @@ def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
     def make(**overrides: Any) -> Client:
         overrides.setdefault("cartd_url", fake_cartd.url)
         overrides.setdefault("download_root", str(tmp_path / "root"))
+        overrides.setdefault("state_dir", str(tmp_path / "state"))
         (tmp_path / "root").mkdir(exist_ok=True)
         app = create_app(settings_from_env({}, **overrides))
         apps.append(app)
@@ -39,7 +40,7 @@ def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
 
     yield make
     for app in apps:
-        app.service.runner.shutdown()
+        app.service.close()
 
 
 @pytest.fixture
@@ -146,26 +147,28 @@ def test_post_bad_requests_get_json_errors(
     assert leftovers(tmp_path) == []
 
 
-def test_post_wrong_event_type_is_400(
+def test_post_wrong_event_type_is_400_when_strict(
     make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
 ) -> None:
     event = {**make_event(files), "eventType": "org.pacifica.metadata.deleted"}
-    resp = post(make_client(), event)
+    resp = post(make_client(strict=True), event)
     assert resp.status_code == 400
     assert body(resp)["field"] == "type"
     assert "org.pacifica.metadata.deleted" in body(resp)["detail"]
     assert fake_cartd.requests == []
 
 
-def test_post_event_without_files_is_400_no_files(make_client: MakeClient, fake_cartd: FakeCartd) -> None:
-    resp = post(make_client(), make_event([]))
+def test_post_event_without_files_is_400_no_files_when_strict(
+    make_client: MakeClient, fake_cartd: FakeCartd
+) -> None:
+    resp = post(make_client(strict=True), make_event([]))
     assert resp.status_code == 400
     assert body(resp)["error"] == "no_files"
     assert fake_cartd.requests == []
 
 
-def test_post_unsafe_path_is_400_naming_the_object(make_client: MakeClient) -> None:
-    resp = post(make_client(), make_event([file_obj(1, "passwd", "../../etc", b"x")]))
+def test_post_unsafe_path_is_400_naming_the_object_when_strict(make_client: MakeClient) -> None:
+    resp = post(make_client(strict=True), make_event([file_obj(1, "passwd", "../../etc", b"x")]))
     assert resp.status_code == 400
     assert body(resp)["object"] == "data[1] (_id 1)"
     assert "'..'" in body(resp)["detail"]
@@ -174,9 +177,46 @@ def test_post_unsafe_path_is_400_naming_the_object(make_client: MakeClient) -> N
 def test_post_upstream_fixture_is_400_for_the_file_without_id(
     make_client: MakeClient, notifications_event: dict[str, Any]
 ) -> None:
-    resp = post(make_client(), notifications_event)
+    resp = post(make_client(strict=True), notifications_event)
     assert resp.status_code == 400
     assert body(resp)["field"] == "_id"
+
+
+@pytest.mark.parametrize(
+    ("event", "kind", "field"),
+    [
+        ({"eventType": "org.pacifica.metadata.deleted"}, "invalid_event", "type"),
+        ({"data": []}, "no_files", "files"),
+        ({"data": [{"destinationTable": "Files", "name": "a.txt"}]}, "invalid_event", "_id"),
+    ],
+    ids=["type", "no-files", "no-id"],
+)
+def test_post_event_that_cannot_be_downloaded_is_recorded_as_rejected_with_200(
+    make_client: MakeClient,
+    files: list[dict[str, Any]],
+    fake_cartd: FakeCartd,
+    event: dict[str, Any],
+    kind: str,
+    field: str,
+) -> None:
+    """A sender such as Notifications must not hear 4xx for one bad event: it would stop sending."""
+    client = make_client()
+    resp = post(client, {**make_event(files, event_id="bad"), **event})
+    assert resp.status_code == 200
+    answer = body(resp)
+    assert answer["state"] == "rejected"
+    assert answer["error"] == kind
+    assert answer.get("field", field) == field
+    assert fake_cartd.requests == []
+    shown = body(client.get(answer["status_url"].removeprefix("http://localhost")))
+    assert shown["state"] == "rejected"
+    assert shown["error"] == kind
+    again = post(client, {**make_event(files, event_id="bad"), **event})
+    assert body(again)["duplicate"] is True
+    assert body(again)["job_id"] == answer["job_id"]
+    good = post(client, make_event(files, event_id="good"))
+    assert good.status_code == 200
+    assert body(good)["state"] == "done"
 
 
 def test_post_huge_body_is_413_without_reading_it(make_client: MakeClient, tmp_path: Path) -> None:
@@ -189,7 +229,7 @@ def test_token_is_required_when_configured(make_client: MakeClient, files: list[
     client = make_client(token="s3cret")
     resp = post(client, make_event(files))
     assert resp.status_code == 401
-    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert post(client, make_event(files), {**JSON, "Authorization": "Bearer wrong"}).status_code == 401
     assert post(client, make_event(files), {**JSON, "Authorization": "Bearer s3cret"}).status_code == 200
 
@@ -222,7 +262,10 @@ def test_post_failures_map_to_retry_statuses_and_leave_nothing(
         )
     else:
         fake_cartd.contents["34"] = b"X" + FOO[1:]
-    resp = post(make_client(cart_timeout=0.3), make_event(files))
+    client = make_client(
+        cart_timeout=0.3, strict=True, retry_base=0.05, retry_max_delay=0.05, retry_window=0.4
+    )
+    resp = post(client, make_event(files))
     assert resp.status_code == status
     answer = body(resp)
     assert answer["error"] == kind
@@ -231,11 +274,20 @@ def test_post_failures_map_to_retry_statuses_and_leave_nothing(
     assert leftovers(tmp_path) == []
 
 
-def test_post_cartd_down_is_502(make_client: MakeClient, files: list[dict[str, Any]], tmp_path: Path) -> None:
-    resp = post(make_client(cartd_url=f"http://127.0.0.1:{closed_port()}"), make_event(files))
-    assert resp.status_code == 502
-    assert body(resp)["error"] == "cartd_unavailable"
-    assert body(resp)["retryable"] is True
+def test_post_cartd_down_is_retried_and_answered_202_not_5xx(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd, tmp_path: Path
+) -> None:
+    """Cartd down: the sync sender hears 202 (the event is safe), the job retries until Cartd is back."""
+    down = f"http://127.0.0.1:{closed_port()}"
+    client = make_client(cartd_url=down, sync_wait=0.5, retry_base=0.1, retry_max_delay=0.2)
+    resp = post(client, make_event(files))
+    assert resp.status_code == 202
+    answer = body(resp)
+    assert answer["state"] in ("queued", "running")
+    path = answer["status_url"].removeprefix("http://localhost")
+    wait_for(lambda: body(client.get(path)).get("last_error", {}).get("error") == "cartd_unavailable")
+    assert body(client.get(path))["attempts"] >= 1
+    client.application.service.close()  # type: ignore[attr-defined]
     assert leftovers(tmp_path) == []
 
 
@@ -321,24 +373,62 @@ def test_duplicate_while_running_gets_status(
     assert len(fake_cartd.carts) == 1
 
 
-def test_retryable_failure_may_be_retried(
+def test_cart_stuck_staging_is_retried_on_a_new_cart(
     make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
 ) -> None:
-    fake_cartd.head = lambda cart: (202, "staging", "")
-    client = make_client(cart_timeout=0.2)
-    assert post(client, make_event(files, event_id="r")).status_code == 504
-    fake_cartd.head = lambda cart: (204, "ready", "")
-    assert post(client, make_event(files, event_id="r")).status_code == 200
+    stuck: set[str] = set()
+
+    def head(cart: Cart) -> tuple[int, str, str]:
+        if not stuck:
+            stuck.add(cart.uid)
+        return (202, "staging", "") if cart.uid in stuck else (204, "ready", "")
+
+    fake_cartd.head = head
+    client = make_client(cart_timeout=0.2, retry_base=0.05, retry_max_delay=0.1)
+    resp = post(client, make_event(files, event_id="r"))
+    assert resp.status_code == 200, resp.data
+    answer = body(resp)
+    assert answer["state"] == "done"
+    assert answer["attempts"] == 2
     assert len(fake_cartd.carts) == 2
 
 
-def test_all_workers_busy_is_429_with_retry_after(
+def test_failed_job_is_retried_when_the_sender_posts_it_again(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    fake_cartd.head = lambda cart: (202, "staging", "")
+    client = make_client(cart_timeout=0.1, retry_window=0)
+    first = body(post(client, make_event(files, event_id="r")))
+    assert first["state"] == "failed"
+    assert first["error"] == "cart_timeout"
+    fake_cartd.head = lambda cart: (204, "ready", "")
+    again = post(client, make_event(files, event_id="r"))
+    assert again.status_code == 200
+    assert body(again)["state"] == "done"
+    assert body(again)["job_id"] == first["job_id"]
+
+
+def test_burst_of_events_is_all_accepted_without_429(
     make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
 ) -> None:
     release = gate_cart(fake_cartd)
-    client = make_client(workers=1, queue_size=1, retry_after=7)
+    client = make_client(workers=4, respond_async=True)
+    answers = [post(client, make_event(files, event_id=f"b{i}")) for i in range(40)]
+    assert {resp.status_code for resp in answers} == {202}
+    release.set()
+    for resp in answers:
+        path = body(resp)["status_url"].removeprefix("http://localhost")
+        wait_for(lambda path=path: body(client.get(path))["state"] == "done", 20)
+
+
+def test_queue_cap_when_configured_is_429_with_retry_after(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    release = gate_cart(fake_cartd)
+    client = make_client(workers=1, max_queued=1, retry_after=7)
     async_headers = {**JSON, "Prefer": "respond-async"}
     assert post(client, make_event(files, event_id="1"), async_headers).status_code == 202
+    wait_for(lambda: body(client.get("/jobs?state=running"))["jobs"] != [])
     assert post(client, make_event(files, event_id="2"), async_headers).status_code == 202
     resp = post(client, make_event(files, event_id="3"), async_headers)
     assert resp.status_code == 429
@@ -372,10 +462,15 @@ def test_health_says_whether_cartd_answers(make_client: MakeClient) -> None:
 def test_metrics_count_outcomes_and_bytes(make_client: MakeClient, files: list[dict[str, Any]]) -> None:
     client = make_client()
     post(client, make_event(files))
-    post(client, make_event([]))
+    post(client, make_event([], event_id="empty"))
     text = client.get("/metrics").data.decode()
-    assert 'downloader_events_total{outcome="done"} 1.0' in text
+    assert 'downloader_events_total{outcome="accepted"} 1.0' in text
     assert 'downloader_events_total{outcome="rejected"} 1.0' in text
+    assert 'downloader_jobs_finished_total{state="done"} 1.0' in text
+    assert 'downloader_jobs{state="done"} 1.0' in text
+    assert 'downloader_jobs{state="rejected"} 1.0' in text
+    assert 'downloader_errors_total{kind="no_files"} 1.0' in text
+    assert "downloader_queue_depth 0.0" in text
     assert f"downloader_bytes_total {float(len(FOO) + len(BAR))}" in text
     assert "downloader_files_total 2.0" in text
     assert "downloader_download_seconds_count 1.0" in text
@@ -401,7 +496,7 @@ def test_unrequested_member_in_cart_is_502_unsafe_archive(
         return [cart_tar(extra, fake_cartd.contents, name)]
 
     fake_cartd.body = with_extra
-    resp = post(make_client(), make_event(files))
+    resp = post(make_client(strict=True), make_event(files))
     assert resp.status_code == 502
     assert body(resp)["error"] == "unsafe_archive"
     assert body(resp)["member"].startswith("data/..")
@@ -418,7 +513,7 @@ def test_stalled_stream_fires_read_timeout_and_is_502(
         cart_tar(cart.fileids, fake_cartd.contents, name), 2048, 3
     )
     started = time.monotonic()
-    resp = post(make_client(read_timeout=0.3), make_event(files))
+    resp = post(make_client(read_timeout=0.3, strict=True, retry_window=0), make_event(files))
     assert time.monotonic() - started < 2.5
     assert resp.status_code == 502
     assert body(resp)["error"] == "download_interrupted"
@@ -446,27 +541,109 @@ def test_hostile_tar_from_cartd_is_502_unsafe_archive(
     member: Member,
 ) -> None:
     fake_cartd.body = lambda cart, name: [build_tar([Member("data", type=tarfile.DIRTYPE), member])]
-    resp = post(make_client(), make_event(files))
+    resp = post(make_client(strict=True), make_event(files))
     assert resp.status_code == 502
     assert body(resp)["error"] == "unsafe_archive"
     assert body(resp)["member"] == member.name
     assert leftovers(tmp_path) == []
 
 
-def test_shutdown_ends_queued_jobs_so_no_request_waits_forever(
-    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+def test_unsafe_archive_fails_at_once_and_answers_200_failed_by_default(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd, tmp_path: Path
+) -> None:
+    link = Member("data/bar.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+    fake_cartd.body = lambda cart, name: [build_tar([Member("data", type=tarfile.DIRTYPE), link])]
+    resp = post(make_client(), make_event(files))
+    assert resp.status_code == 200
+    answer = body(resp)
+    assert answer["state"] == "failed"
+    assert answer["error"] == "unsafe_archive"
+    assert answer["attempts"] == 1
+    assert len(fake_cartd.carts) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_shutdown_hands_running_jobs_back_and_a_new_process_finishes_them(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd, tmp_path: Path
 ) -> None:
     release = gate_cart(fake_cartd)
-    client = make_client(workers=1, queue_size=2)
-    async_headers = {**JSON, "Prefer": "respond-async"}
-    first = body(post(client, make_event(files, event_id="run"), async_headers))
-    queued = body(post(client, make_event(files, event_id="queued"), async_headers))
-    runner = client.application.service.runner  # type: ignore[attr-defined]
-    runner.shutdown(wait=False)
+    client = make_client(workers=1, respond_async=True)
+    answer = body(post(client, make_event(files, event_id="run")))
+    path = answer["status_url"].removeprefix("http://localhost")
+    wait_for(lambda: body(client.get(path))["state"] == "running")
+    service = client.application.service  # type: ignore[attr-defined]
+    service.close(grace=0)
+    reopened = make_client(workers=0)
+    handed_back = body(reopened.get(path))
+    assert handed_back["state"] == "queued"
+    assert handed_back["attempts"] == 0
+    assert leftovers(tmp_path) == []
     release.set()
-    job = runner.get(queued["job_id"])
-    assert job is not None
-    assert job.future.result(timeout=5) is None
-    assert job.state == "failed"
-    assert "stopped before" in str(job.error)
-    assert runner.get(first["job_id"]).future.result(timeout=5) is None
+    again = make_client(workers=1)
+    wait_for(lambda: body(again.get(path))["state"] == "done")
+    done = body(again.get(path))
+    assert (Path(done["download_path"]) / "data/bar.txt").read_bytes() == BAR
+    assert leftovers(tmp_path) == [Path(done["download_path"]).name]
+
+
+def test_basic_auth_is_accepted_like_notifications_sends_it(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    import base64
+
+    client = make_client(basic_auth="notify:s3cret", token="tok")
+    resp = post(client, make_event(files))
+    assert resp.status_code == 401
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="downloader", Basic realm="downloader"'
+    wrong = base64.b64encode(b"notify:nope").decode()
+    assert post(client, make_event(files), {**JSON, "Authorization": f"Basic {wrong}"}).status_code == 401
+    right = base64.b64encode(b"notify:s3cret").decode()
+    assert post(client, make_event(files), {**JSON, "Authorization": f"Basic {right}"}).status_code == 200
+    assert client.get("/jobs", headers={"Authorization": "Bearer tok"}).status_code == 200
+    assert client.get("/jobs").status_code == 401
+
+
+def test_jobs_list_filters_by_state_and_pages(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    client = make_client()
+    for n in range(3):
+        post(client, make_event(files, event_id=f"ok-{n}"))
+    post(client, make_event([], event_id="empty"))
+    everything = body(client.get("/jobs"))
+    assert [job["event_id"] for job in everything["jobs"]] == ["empty", "ok-2", "ok-1", "ok-0"]
+    assert everything["next"] is None
+    first = body(client.get("/jobs?state=done&limit=2"))
+    assert [job["event_id"] for job in first["jobs"]] == ["ok-2", "ok-1"]
+    second = body(client.get(first["next"].removeprefix("http://localhost")))
+    assert [job["event_id"] for job in second["jobs"]] == ["ok-0"]
+    assert second["next"] is None
+    rejected = body(client.get("/jobs?state=rejected"))["jobs"]
+    assert [(job["event_id"], job["error"]) for job in rejected] == [("empty", "no_files")]
+    assert client.get("/jobs?state=bogus").status_code == 400
+    assert client.get("/jobs?limit=0").status_code == 400
+
+
+def test_retry_requeues_a_failed_job_and_delete_removes_its_download(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd, tmp_path: Path
+) -> None:
+    fake_cartd.head = lambda cart: (500, "error", "archive down")
+    client = make_client()
+    failed = body(post(client, make_event(files, event_id="f")))
+    assert failed["state"] == "failed"
+    path = failed["status_url"].removeprefix("http://localhost")
+    fake_cartd.head = lambda cart: (204, "ready", "")
+    retried = client.post(f"{path}/retry")
+    assert retried.status_code == 202
+    wait_for(lambda: body(client.get(path))["state"] == "done")
+    done = body(client.get(path))
+    assert done["attempts"] == 2
+    assert client.post(f"{path}/retry").status_code == 409  # done: nothing to retry
+    assert client.post(f"{path}/rerun").status_code == 404
+    deleted = client.delete(path)
+    assert body(deleted) == {"deleted": done["job_id"], "download_removed": True}
+    assert not Path(done["download_path"]).exists()
+    assert leftovers(tmp_path) == []
+    assert client.get(path).status_code == 404
+    # The record is gone, so the same event is a new job.
+    assert body(post(client, make_event(files, event_id="f")))["job_id"] != done["job_id"]

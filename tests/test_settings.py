@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from downloader_service.settings import Settings, describe, settings_from_env
+from downloader_service.service.settings import Settings, describe, settings_from_env
 
 
 def test_settings_from_env_defaults_without_configuration(
@@ -13,11 +13,19 @@ def test_settings_from_env_defaults_without_configuration(
 ) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its first answer
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     settings = settings_from_env({})
     assert settings == Settings()
     assert settings.cartd_url == "http://127.0.0.1:8081"
     assert settings.event_types == ("org.pacifica.metadata.ingest",)
-    assert settings.root() == str(tmp_path)
+    # State survives reboots: never the temp dir.
+    assert settings.state() == str(tmp_path / "state" / "pacifica-downloader")
+    assert settings.root() == str(tmp_path / "state" / "pacifica-downloader" / "downloads")
+    assert settings.database() == "sqlite:///" + str(
+        tmp_path / "state" / "pacifica-downloader" / "jobs.sqlite3"
+    )
+    assert not settings.root().startswith(tempfile.gettempdir() + "/pacifica")
 
 
 def test_settings_from_env_reads_every_type() -> None:
@@ -50,7 +58,9 @@ def test_overrides_win_over_environment_and_none_is_ignored() -> None:
     [
         ({"DOWNLOADER_PORT": "eighty"}, "DOWNLOADER_PORT='eighty'"),
         ({"DOWNLOADER_ASYNC": "maybe"}, "not a boolean"),
-        ({"DOWNLOADER_WORKERS": "0"}, "workers must be at least 1"),
+        ({"DOWNLOADER_HTTP_THREADS": "0"}, "http_threads must be at least 1"),
+        ({"DOWNLOADER_WORKERS": "-1"}, "workers must not be negative"),
+        ({"DOWNLOADER_BASIC_AUTH": "nocolon"}, "user:password"),
         ({"DOWNLOADER_EVENT_TYPES": " , "}, "at least one type"),
         ({"DOWNLOADER_FILENAME": "../up"}, "one directory name"),
     ],

@@ -9,7 +9,7 @@ from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
 from downloader_service import InvalidEventError
 from downloader_service.errors import UnsupportedMediaTypeError
-from downloader_service.webhook import parse_request
+from downloader_service.service.webhook import parse_request
 from tests.events import file_obj, make_event
 
 FILES = [file_obj(1, "a.txt", "d", b"a")]

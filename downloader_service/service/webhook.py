@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -18,7 +18,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_
 from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValidationError
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
-from .errors import InvalidEventError, UnsupportedMediaTypeError
+from ..errors import InvalidEventError, UnsupportedMediaTypeError
 
 STRUCTURED: Final = "application/cloudevents+json"
 BATCH: Final = "application/cloudevents-batch+json"
@@ -52,6 +52,8 @@ class ReceivedEvent:
     type: str
     mode: str  # "notifications-0.1", "structured", "binary" or "batch"
     data: Any
+    # Every other attribute as JSON values (time, subject, extensions), for the record.
+    attributes: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -61,6 +63,10 @@ class ReceivedEvent:
     def document(self) -> dict[str, Any]:
         """The event as the library's ``CloudEvent.files`` reads it."""
         return {"id": self.id, "source": self.source, "type": self.type, "data": self.data}
+
+    def record(self) -> dict[str, Any]:
+        """The whole event as CloudEvents 1.0 JSON (and how it came), for the job store."""
+        return {**self.attributes, **self.document(), "specversion": "1.0", "receivedmode": self.mode}
 
 
 def media_type(content_type: str) -> str:
@@ -120,7 +126,8 @@ def _batch(body: bytes) -> list[ReceivedEvent]:
         try:
             events.append(_structured(json.dumps(doc).encode(), "batch"))
         except InvalidEventError as exc:
-            raise InvalidEventError(f"batch[{index}]: {exc}", index=index, **exc.context) from exc
+            context: dict[str, Any] = dict(exc.context)
+            raise InvalidEventError(f"batch[{index}]: {exc}", index=index, **context) from exc
     return events
 
 
@@ -190,10 +197,20 @@ def _sdk_event(parse: Any, mode: str) -> ReceivedEvent:
     if isinstance(data, (bytes, str)):
         # Binary mode with a non-JSON content type, or data_base64: the files list is JSON.
         data = _json(data if isinstance(data, bytes) else data.encode("utf-8"))
+    attributes = {
+        name: value.isoformat() if isinstance(value, datetime) else value
+        for name, value in event.get_attributes().items()
+        if name not in ("id", "source", "type", "specversion", "data")
+    }
     return ReceivedEvent(
         id=str(event.get_id()),
         source=str(event.get_source()),
         type=str(event.get_type()),
         mode=mode,
         data=data,
+        attributes={name: value for name, value in attributes.items() if _json_safe(value)},
     )
+
+
+def _json_safe(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None

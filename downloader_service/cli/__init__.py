@@ -1,4 +1,7 @@
-"""The ``downloader-service`` command: ``serve`` the webhook, or ``download`` for people."""
+"""The ``downloader-service`` command: ``download`` for people, and the operators' commands.
+
+``serve``, ``worker``, ``db`` and ``jobs`` live in :mod:`.operate`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
-from .cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
-from .cloudevent import CloudEvent
-from .downloader import Downloader, DownloadResult
-from .errors import (
+from .. import __version__
+from ..cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
+from ..cloudevent import CloudEvent
+from ..downloader import Downloader, DownloadResult
+from ..errors import (
     CartError,
     CartTimeoutError,
     DownloaderError,
@@ -26,9 +29,9 @@ from .errors import (
     PolicyUnavailableError,
     UnsafeArchiveError,
 )
-from .progress import DownloadProgress
-from .settings import describe, settings_from_env
-from .transactioninfo import TransactionInfo, fetch_transaction_info
+from ..progress import DownloadProgress
+from ..transactioninfo import TransactionInfo, fetch_transaction_info
+from .operate import add_operator_commands
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,34 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="downloader-service",
         description="Get data out of a Pacifica archive: run the CloudEvents webhook, or download by hand.",
         epilog="examples:\n  downloader-service serve --port 8080\n"
+        "  downloader-service jobs list --state failed\n"
         "  downloader-service download event event.json ./here\n"
         "  downloader-service download transaction 67 ./here --policy-url http://policy:8181",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    _add_serve(commands)
     _add_download(commands)
+    add_operator_commands(commands)
     return parser
-
-
-def _add_serve(commands: Any) -> None:
-    table = "\n".join(
-        f"  {env:<28} {default or '(empty)':<32} {meaning}" for env, default, meaning in describe()
-    )
-    serve = commands.add_parser(
-        "serve",
-        help="run the webhook service",
-        description="Run the CloudEvents webhook: POST an event to /, files land under the download root.",
-        epilog=f"environment (options win over it):\n{table}\n\nexample:\n"
-        "  CARTD_URL=http://cartd:8081 downloader-service serve --host 0.0.0.0 --port 8080",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    serve.add_argument("--host", help="address to listen on (DOWNLOADER_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT, default 8080)")
-    serve.add_argument("--cart-url", dest="cartd_url", help="Cartd's cart API URL (CARTD_URL)")
-    serve.add_argument("--download-root", help="where downloads go (DOWNLOADER_ROOT, default $TMPDIR)")
-    serve.set_defaults(run=_serve)
 
 
 def _add_download(commands: Any) -> None:
@@ -178,20 +163,6 @@ def _add_download(commands: Any) -> None:
         "--from-file", type=Path, help="a saved transaction-info JSON document instead of Policy"
     )
     transaction.set_defaults(run=_download_transaction)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
-
-    try:
-        settings = settings_from_env(
-            host=args.host, port=args.port, cartd_url=args.cartd_url, download_root=args.download_root
-        )
-    except ValueError as exc:
-        print(f"downloader-service: bad setting: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    serve(settings)
-    return EXIT_OK
 
 
 def _download_event(args: argparse.Namespace) -> int:

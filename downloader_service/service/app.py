@@ -1,0 +1,538 @@
+"""The HTTP edge: a thin CherryPy adapter that writes job rows and reads them back.
+
+``POST /`` takes CloudEvents and commits one job per event to the store *before* it answers;
+``/jobs`` lists, shows, retries and deletes jobs; ``OPTIONS /`` answers the CloudEvents
+webhook handshake; ``GET /health`` and ``GET /metrics`` serve operators. Every answer,
+errors included, is JSON (metrics aside). Downloads run in :mod:`.worker`, never here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import cherrypy
+import requests
+
+from .. import __version__
+from ..cloudevent import CloudEvent
+from ..downloader import Downloader
+from ..errors import (
+    DownloaderError,
+    InvalidEventError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    ServiceBusyError,
+)
+from ..progress import DownloadProgress
+from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, Job, JobError, error_kind
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import ServiceMetrics
+from .settings import Settings
+from .store import JobStore, NewJob, StoreError, open_store
+from .webhook import ReceivedEvent, parse_request
+from .worker import Worker, remove_download
+
+LOGGER = logging.getLogger(__name__)
+
+# Error kind -> HTTP status. 4xx: sending the same request again cannot help; 429/5xx: it may.
+KIND_STATUS: dict[str, int] = {
+    "unsupported_media_type": 415,
+    "payload_too_large": 413,
+    "no_files": 400,
+    "invalid_event": 400,
+    "busy": 429,
+    "cart_timeout": 504,
+    "cart_gone": 502,
+    "cart_failed": 502,
+    "cartd_unavailable": 502,
+    "unsafe_archive": 502,
+    "integrity": 502,
+    "download_interrupted": 502,
+    "storage": 503,
+    "download_failed": 502,
+    "store_unavailable": 503,
+    "internal_error": 500,
+}
+JSON_TYPE = "application/json"
+# Event ids and sources are keys of the store's unique index: bound them.
+MAX_KEY_LENGTH = 1024
+LIST_LIMIT_MAX = 500
+_SYNC_POLL = (0.02, 0.25)  # the first and the longest pause while a sync POST waits
+
+
+class HTTPError(Exception):
+    """An answer decided in the web layer itself (401, 404, 403, 409)."""
+
+    def __init__(self, status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers or {}
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status and error kind that tell a sender what ``exc`` means for a retry."""
+    kind = "store_unavailable" if isinstance(exc, StoreError) else error_kind(exc)
+    return KIND_STATUS.get(kind, 500), kind
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """``{"error": kind, "detail": ...}`` for an exception, with its context where it has one."""
+    _status, kind = error_status(exc)
+    if not isinstance(exc, DownloaderError):
+        return {"error": kind, "detail": "internal error"}
+    return {"error": kind, "detail": str(exc), "retryable": exc.retryable, **JobError.of(exc).context}
+
+
+class Service:
+    """What the resources share: settings, the store, this process's worker, the metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        make_downloader: Callable[[DownloadProgress], Downloader],
+        metrics: ServiceMetrics,
+        worker: Worker | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.make_downloader = make_downloader
+        self.metrics = metrics
+        self.worker = worker
+        self.stopping = threading.Event()
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop the worker (running downloads get ``grace`` seconds) and the store."""
+        self.stopping.set()
+        if self.worker is not None:
+            self.worker.stop(grace)
+        self.store.close()
+
+    def status_url(self, job: Job) -> str:
+        """Where to ask about ``job``, absolute when the request tells us our address."""
+        return f"{cherrypy.request.base}{cherrypy.request.script_name}/jobs/{job.id}"
+
+    def check_auth(self, params: dict[str, Any]) -> None:
+        """Refuse a request without a configured credential: a bearer token or basic auth."""
+        token, basic = self.settings.token, self.settings.basic_auth
+        if not token and not basic:
+            return
+        header = cherrypy.request.headers.get("Authorization", "")
+        scheme, _, credentials = header.partition(" ")
+        scheme = scheme.lower()
+        if token:
+            given = credentials.strip() if scheme == "bearer" else str(params.get("access_token", ""))
+            if given and hmac.compare_digest(given.encode(), token.encode()):
+                return
+        if basic and scheme == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            if hmac.compare_digest(decoded, basic.encode()):
+                return
+        challenges = (['Bearer realm="downloader"'] if token else []) + (
+            ['Basic realm="downloader"'] if basic else []
+        )
+        raise HTTPError(
+            401, "unauthorized", "valid credentials are required", {"WWW-Authenticate": ", ".join(challenges)}
+        )
+
+    def read_body(self) -> bytes:
+        """Read the request body, refusing more than ``max_body_bytes`` without reading it all."""
+        limit = self.settings.max_body_bytes
+        declared = cherrypy.request.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            cherrypy.response.headers["Connection"] = "close"
+            raise PayloadTooLargeError(f"the body is {declared} bytes; the limit is {limit}", field="body")
+        body: bytes = cherrypy.request.rfile.read(limit + 1)
+        if len(body) > limit:
+            cherrypy.response.headers["Connection"] = "close"
+            raise PayloadTooLargeError(f"the body is over the limit of {limit} bytes", field="body")
+        return body
+
+    def accept(self, events: Sequence[ReceivedEvent]) -> list[tuple[Job, bool]]:
+        """Make a job of every event and commit them all at once: ``(job, created)`` each.
+
+        An event that can never be downloaded becomes a ``rejected`` job, or, in strict
+        mode, refuses the whole request (nothing is stored).
+        """
+        new_jobs = [self._new_job(event, index, len(events) > 1) for index, event in enumerate(events)]
+        cap = self.settings.max_queued
+        if cap and self.store.queued() + sum(1 for job in new_jobs if job.error is None) > cap:
+            raise ServiceBusyError(
+                f"{cap} jobs are queued already (DOWNLOADER_MAX_QUEUED)",
+                retry_after=self.settings.retry_after,
+            )
+        accepted = self.store.add(new_jobs)
+        if self.worker is not None:
+            self.worker.wake()
+        for job, created in accepted:
+            outcome = "duplicate" if not created else ("rejected" if job.state == REJECTED else "accepted")
+            self.metrics.events.labels(outcome=outcome).inc()
+            extra = {"event_id": job.event_id, "job_id": job.id, "state": job.state, "duplicate": not created}
+            if created and job.state == REJECTED and job.error is not None:
+                self.metrics.errors.labels(kind=job.error.kind).inc()
+                LOGGER.warning(
+                    "event rejected", extra={**extra, "error": job.error.kind, "detail": job.error.detail}
+                )
+            else:
+                LOGGER.info("event accepted", extra=extra)
+        return accepted
+
+    def _new_job(self, event: ReceivedEvent, index: int, batch: bool) -> NewJob:
+        for name, value in (("id", event.id), ("source", event.source)):
+            if len(value) > MAX_KEY_LENGTH:
+                raise InvalidEventError(
+                    f"the event's {name} is longer than {MAX_KEY_LENGTH} characters", field=name
+                )
+        job_id = uuid.uuid4().hex
+        try:
+            if event.type not in self.settings.event_types:
+                raise InvalidEventError(
+                    f"event {event.id!r} has type {event.type!r}; this service takes "
+                    + ", ".join(self.settings.event_types),
+                    field="type",
+                )
+            files = CloudEvent.files(event.document())
+        except InvalidInputError as exc:
+            if self.settings.strict:
+                if batch:
+                    context: dict[str, Any] = dict(exc.context)
+                    raise type(exc)(f"batch[{index}]: {exc}", index=index, **context) from exc
+                raise
+            return NewJob(job_id, event.source, event.id, event.type, event.record(), (), JobError.of(exc))
+        return NewJob(job_id, event.source, event.id, event.type, event.record(), files)
+
+    def wait(self, jobs: list[Job], timeout: float) -> list[Job]:
+        """Wait until every job has finished, ``timeout`` passes or the service stops."""
+        deadline = time.monotonic() + timeout
+        pause = _SYNC_POLL[0]
+        while not all(job.finished for job in jobs):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.stopping.wait(min(pause, remaining)):
+                break
+            pause = min(pause * 2, _SYNC_POLL[1])
+            jobs = self.store.get_many([job.id for job in jobs])
+        return jobs
+
+    def answer(self, job: Job, created: bool = True) -> tuple[int, dict[str, Any]]:
+        """The status and body for a job as it stands now.
+
+        A 2xx means the event is safe in the store. Only in strict mode does a job that has
+        ended badly (rejected, or failed for good) answer with its error's status.
+        """
+        body = job.summary()
+        body["status_url"] = self.status_url(job)
+        if not created:
+            body["duplicate"] = True
+        if job.state in (QUEUED, RUNNING):
+            return 202, body
+        if job.state == DONE:
+            return 200, body
+        if job.error is not None and self.settings.strict:
+            return KIND_STATUS.get(job.error.kind, 500), body
+        return 200, body
+
+
+def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
+    """Serve a handler's dict as JSON and turn every exception into a JSON error.
+
+    The MethodDispatcher hands extra path segments over as positional arguments; a handler
+    taking fewer than it was given answers 404, like a missing resource.
+    """
+    path_args = method.__code__.co_argcount - 1
+
+    @functools.wraps(method)
+    def handler(self: Any, *args: Any, **kwargs: Any) -> bytes:
+        service: Service = self.service
+        try:
+            if len(args) > path_args:
+                raise HTTPError(404, "not_found", f"no resource at {cherrypy.request.path_info!r}")
+            body = method(self, *args, **kwargs)
+        except HTTPError as exc:
+            cherrypy.response.status = exc.status
+            cherrypy.response.headers.update(exc.headers)
+            body = {"error": exc.kind, "detail": exc.detail}
+            service.metrics.errors.labels(kind=exc.kind).inc()
+        except Exception as exc:
+            status, kind = error_status(exc)
+            if not isinstance(exc, DownloaderError):
+                LOGGER.exception("request failed")
+            if status in (429, 503):
+                cherrypy.response.headers["Retry-After"] = str(service.settings.retry_after)
+                service.metrics.events.labels(outcome="busy").inc()
+            elif status < 500:
+                service.metrics.events.labels(outcome="invalid").inc()
+            LOGGER.info("request refused", extra={"status": status, "kind": kind, "detail": str(exc)})
+            service.metrics.errors.labels(kind=kind).inc()
+            cherrypy.response.status = status
+            body = error_body(exc)
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        return json.dumps(body).encode()
+
+    return handler
+
+
+@cherrypy.expose
+class Jobs:
+    """``/jobs``: list; ``/jobs/<id>``: show, ``DELETE``; ``POST /jobs/<id>/retry``."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @json_handler
+    def GET(self, job_id: str = "", **params: Any) -> dict[str, Any]:
+        self.service.check_auth(params)
+        if not job_id:
+            return self._list(params)
+        return self.service.answer(self._job(job_id))[1]
+
+    @json_handler
+    def POST(self, job_id: str = "", action: str = "", **params: Any) -> dict[str, Any]:
+        self.service.check_auth(params)
+        if action != "retry":
+            raise HTTPError(404, "not_found", "POST /jobs/<id>/retry is the only action")
+        job = self._job(job_id)
+        if job.state not in (FAILED, QUEUED):
+            raise HTTPError(
+                409, "conflict", f"job {job_id} is {job.state}; only failed or queued jobs are retried"
+            )
+        job = self.service.store.retry(job_id) or job
+        if self.service.worker is not None:
+            self.service.worker.wake()
+        LOGGER.info("job retry requested", extra={"job_id": job_id, "event_id": job.event_id})
+        cherrypy.response.status = 202
+        return self.service.answer(job)[1]
+
+    @json_handler
+    def DELETE(self, job_id: str = "", **params: Any) -> dict[str, Any]:
+        self.service.check_auth(params)
+        job = self._job(job_id)
+        if job.state == RUNNING:
+            raise HTTPError(409, "conflict", f"job {job_id} is running; delete it when it has ended")
+        removed = remove_download(job, self.service.settings)
+        self.service.store.delete(job_id)
+        LOGGER.info(
+            "job deleted", extra={"job_id": job_id, "event_id": job.event_id, "download_removed": removed}
+        )
+        return {"deleted": job_id, "download_removed": removed}
+
+    def _job(self, job_id: str) -> Job:
+        job = self.service.store.get(job_id) if job_id else None
+        if job is None:
+            raise HTTPError(404, "not_found", f"no job {job_id!r}")
+        return job
+
+    def _list(self, params: dict[str, Any]) -> dict[str, Any]:
+        state = params.get("state") or None
+        try:
+            limit = int(params.get("limit", 50))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise HTTPError(400, "bad_request", f"limit must be a number from 1 to {LIST_LIMIT_MAX}")
+        try:
+            found = self.service.store.list_jobs(state, limit + 1, params.get("before") or None)
+        except ValueError as exc:
+            raise HTTPError(400, "bad_request", str(exc)) from exc
+        except KeyError as exc:
+            raise HTTPError(400, "bad_request", f"no job {exc.args[0]!r} to page from") from exc
+        page = found[:limit]
+        base = f"{cherrypy.request.base}{cherrypy.request.script_name}/jobs"
+        after = f"?limit={limit}" + (f"&state={state}" if state else "")
+        return {
+            "jobs": [{**self.service.answer(job)[1]} for job in page],
+            "next": f"{base}{after}&before={page[-1].id}" if len(found) > limit else None,
+        }
+
+
+@cherrypy.expose
+class Health:
+    """``GET /health``: the service answers, and says whether Cartd and the store do."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @json_handler
+    def GET(self) -> dict[str, Any]:
+        api = self.service.make_downloader(DownloadProgress()).cart_api
+        cartd: dict[str, Any]
+        try:
+            with api.session.get(api.cart_api_url + "/", timeout=(2, 2)) as resp:
+                cartd = {"reachable": True, "status": resp.status_code}
+        except requests.RequestException as exc:
+            cartd = {"reachable": False, "detail": str(exc)}
+        try:
+            stats = self.service.store.stats()
+            store: dict[str, Any] = {"reachable": True, **stats}
+        except StoreError as exc:
+            store = {"reachable": False, "detail": str(exc)}
+        worker = self.service.worker
+        return {
+            "status": "ok",
+            "version": __version__,
+            "cartd": {"url": api.cart_api_url, **cartd},
+            "store": {"url": self.service.store.describe(), **store},
+            "worker": None if worker is None else {"owner": worker.owner, "running": worker.busy()},
+        }
+
+
+@cherrypy.expose
+class Metrics:
+    """``GET /metrics`` in the Prometheus text format."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def GET(self) -> bytes:
+        cherrypy.response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+        return self.service.metrics.render()
+
+
+@cherrypy.expose
+class Root:
+    """``POST /`` takes events; ``OPTIONS /`` is the webhook handshake."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.jobs = Jobs(service)
+        self.health = Health(service)
+        self.metrics = Metrics(service)
+
+    @json_handler
+    def GET(self) -> dict[str, Any]:
+        return {
+            "service": "pacifica-downloader-service",
+            "version": __version__,
+            "post": "CloudEvents (structured, binary, batch, or Notifications 0.1 as application/json)",
+            "event_types": list(self.service.settings.event_types),
+        }
+
+    @json_handler
+    def POST(self, **params: Any) -> dict[str, Any]:
+        service = self.service
+        service.check_auth(params)
+        events = parse_request(dict(cherrypy.request.headers), service.read_body())
+        prefer = cherrypy.request.headers.get("Prefer", "").lower()
+        respond_async = service.settings.respond_async or "respond-async" in prefer
+        accepted = service.accept(events)
+        jobs = [job for job, _created in accepted]
+        if respond_async:
+            cherrypy.response.headers["Preference-Applied"] = "respond-async"
+        else:
+            # Wait for the downloads this request started; a duplicate answers as it stands.
+            started = [job for job, created in accepted if created]
+            finished = {job.id: job for job in service.wait(started, service.settings.sync_wait)}
+            jobs = [finished.get(job.id, job) for job in jobs]
+        answers = [service.answer(job, created) for job, (_old, created) in zip(jobs, accepted, strict=True)]
+        if len(events) == 1 and events[0].mode != "batch":
+            status, body = answers[0]
+            if status == 202:
+                cherrypy.response.headers["Location"] = body["status_url"]
+        else:
+            # A batch answers with its worst outcome: an error first, then "still running".
+            status = max((s for s, _ in answers), key=lambda s: (s >= 400, s))
+            body = {"events": [b for _s, b in answers]}
+        cherrypy.response.status = status
+        return body
+
+    def OPTIONS(self) -> bytes:
+        """The CloudEvents webhook abuse-protection handshake (validation request)."""
+        origin = cherrypy.request.headers.get("WebHook-Request-Origin")
+        allowed = self.service.settings.allowed_origins
+        cherrypy.response.headers["Allow"] = "GET, POST, OPTIONS"
+        cherrypy.response.headers["Content-Type"] = JSON_TYPE
+        if origin is None:
+            return b"{}"
+        if "*" not in allowed and origin not in allowed:
+            cherrypy.response.status = 403
+            return json.dumps(
+                {"error": "origin_not_allowed", "detail": f"origin {origin!r} is not allowed"}
+            ).encode()
+        cherrypy.response.headers["WebHook-Allowed-Origin"] = origin
+        cherrypy.response.headers["WebHook-Allowed-Rate"] = str(self.service.settings.allowed_rate)
+        return b"{}"
+
+
+def _error_page(status: str, message: str, traceback: str, version: str) -> str:
+    """CherryPy's own errors (404, 405, ...) as JSON instead of an HTML page."""
+    cherrypy.response.headers["Content-Type"] = JSON_TYPE
+    code = int(status.split()[0])
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(code, "http_error")
+    return json.dumps({"error": kind, "detail": message if code < 500 else "internal error"})
+
+
+def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downloader]:
+    """Make a :class:`Downloader` per job (each with its progress hook), sharing one session."""
+    session = requests.Session()
+
+    def make(progress: DownloadProgress) -> Downloader:
+        return Downloader(
+            None,
+            settings.cartd_url,
+            cart_timeout=settings.cart_timeout,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            progress=progress,
+            session=session,
+        )
+
+    return make
+
+
+def create_app(
+    settings: Settings,
+    store: JobStore | None = None,
+    make_downloader: Callable[[DownloadProgress], Downloader] | None = None,
+    start_worker: bool = True,
+) -> cherrypy.Application:
+    """Build the WSGI application over the job store; ``app.service.close()`` stops it.
+
+    Without a ``store`` one is opened from the settings (and its schema upgraded unless
+    ``DOWNLOADER_DB_UPGRADE`` is off). With ``settings.workers`` above 0 and
+    ``start_worker``, this process downloads too.
+    """
+    store = store or open_store(
+        settings.database(),
+        upgrade=settings.db_upgrade,
+        max_overflow=settings.http_threads + settings.workers,
+    )
+    make_downloader = make_downloader or downloader_factory(settings)
+    worker: Worker | None = None
+    metrics = ServiceMetrics()
+    if settings.workers > 0 and start_worker:
+        worker = Worker(store, make_downloader, settings, metrics)
+        metrics = ServiceMetrics({"owner": worker.owner, "role": "serve"})
+        worker.metrics = metrics
+        metrics.in_flight.set_function(worker.busy)
+    metrics.watch_store(store.stats)
+    service = Service(settings, store, make_downloader, metrics, worker)
+    config = {
+        "/": {
+            "request.dispatch": cherrypy.dispatch.MethodDispatcher(),
+            "request.process_request_body": False,
+            "request.show_tracebacks": False,
+            "error_page.default": _error_page,
+            "tools.encode.on": False,
+        }
+    }
+    app = cherrypy.Application(Root(service), script_name="", config=config)
+    app.service = service
+    app.log.screen = False  # access and error lines go to logging, which serve() configures
+    if worker is not None:
+        try:
+            worker.start()
+        except BaseException:
+            store.close()
+            raise
+    return app

@@ -1,0 +1,185 @@
+"""The ``Job`` value: one event's download as a row of the job store, and its states.
+
+An event is a job from the moment it is accepted. Its life::
+
+    queued ──claim──▶ running ──▶ done
+      ▲                  │
+      └──retry later─────┤ (a retryable failure inside the retry window)
+                         └──▶ failed   (a dead letter: kept until retried or deleted)
+    rejected                           (an event that can never be downloaded)
+
+A ``running`` job whose lease runs out (its worker died) is claimed again as it stands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from ..cartfile import CartFile
+from ..errors import (
+    CartFailedError,
+    CartGoneError,
+    CartTimeoutError,
+    CartUnavailableError,
+    DownloaderError,
+    DownloadError,
+    DownloadInterruptedError,
+    IntegrityError,
+    InvalidEventError,
+    LocalStorageError,
+    NoFilesError,
+    PayloadTooLargeError,
+    ServiceBusyError,
+    UnsafeArchiveError,
+    UnsupportedMediaTypeError,
+)
+
+QUEUED: Final = "queued"
+RUNNING: Final = "running"
+DONE: Final = "done"
+FAILED: Final = "failed"
+REJECTED: Final = "rejected"
+STATES: Final = (QUEUED, RUNNING, DONE, FAILED, REJECTED)
+FINISHED: Final = frozenset({DONE, FAILED, REJECTED})
+
+# Error class -> kind, the word logs, metrics, job records and answers use. The first match
+# wins, so subclasses come first.
+ERROR_KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
+    (UnsupportedMediaTypeError, "unsupported_media_type"),
+    (PayloadTooLargeError, "payload_too_large"),
+    (NoFilesError, "no_files"),
+    (InvalidEventError, "invalid_event"),
+    (ServiceBusyError, "busy"),
+    (CartTimeoutError, "cart_timeout"),
+    (CartGoneError, "cart_gone"),
+    (CartFailedError, "cart_failed"),
+    (CartUnavailableError, "cartd_unavailable"),
+    (UnsafeArchiveError, "unsafe_archive"),
+    (IntegrityError, "integrity"),
+    (DownloadInterruptedError, "download_interrupted"),
+    (LocalStorageError, "storage"),
+    (DownloadError, "download_failed"),
+    (DownloaderError, "internal_error"),
+)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The kind of an error, ``internal_error`` for anything not ours."""
+    return next((kind for cls, kind in ERROR_KINDS if isinstance(exc, cls)), "internal_error")
+
+
+@dataclass(frozen=True)
+class JobError:
+    """What the last failed attempt (or the rejection) said."""
+
+    kind: str
+    detail: str
+    retryable: bool
+    context: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, exc: BaseException) -> JobError:
+        """Record an exception; context values are kept only when JSON can hold them."""
+        if isinstance(exc, DownloaderError):
+            context = {
+                key: value
+                for key, value in exc.context.items()
+                if key in ("field", "object", "member", "path", "url", "status")
+                and isinstance(value, (str, int, float, bool))
+            }
+            return cls(error_kind(exc), str(exc), exc.retryable, context)
+        return cls("internal_error", f"{type(exc).__name__}: {exc}"[:2000], True, {})
+
+
+@dataclass(frozen=True)
+class Job:
+    """One event's download as the store holds it. Times are seconds since the epoch."""
+
+    id: str
+    source: str
+    event_id: str
+    type: str
+    state: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    run_at: float
+    retry_from: float = 0.0
+    files: tuple[CartFile, ...] = ()
+    event: Mapping[str, Any] | None = None
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    attempt_path: str | None = None
+    cart_url: str | None = None
+    download_path: str | None = None
+    host: str | None = None
+    result: Mapping[str, Any] | None = None
+    error: JobError | None = None
+    finished_at: float | None = None
+    removed_at: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes two deliveries the same event (CloudEvents: ``source`` + ``id``)."""
+        return (self.source, self.event_id)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has reached an end (done, failed or rejected)."""
+        return self.state in FINISHED
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-ready state of the job, without HTTP concerns."""
+        body: dict[str, Any] = {
+            "job_id": self.id,
+            "event_id": self.event_id,
+            "source": self.source,
+            "state": self.state,
+            "attempts": self.attempts,
+            "created": _iso(self.created_at),
+            "updated": _iso(self.updated_at),
+        }
+        if self.state == QUEUED and self.attempts:
+            body["next_attempt"] = _iso(self.run_at)
+        if self.finished_at is not None:
+            body["finished"] = _iso(self.finished_at)
+        if self.files:
+            body["file_count"] = len(self.files)
+        if self.download_path is not None:
+            body["download_path"] = self.download_path
+            body["host"] = self.host
+        if self.removed_at is not None:
+            body["removed"] = _iso(self.removed_at)
+        if self.result:
+            body.update(
+                files=self.result.get("files"),
+                bytes=self.result.get("bytes"),
+                seconds=self.result.get("seconds"),
+            )
+        if self.error is not None:
+            error = {
+                "error": self.error.kind,
+                "detail": self.error.detail,
+                "retryable": self.error.retryable,
+                **self.error.context,
+            }
+            # A job that ended badly carries its error flat, as every error answer does; one
+            # waiting for a retry says what went wrong last time.
+            if self.state in (FAILED, REJECTED):
+                body.update(error)
+            else:
+                body["last_error"] = error
+        return body
+
+
+def dumps(value: Any) -> str:
+    """JSON for a store column (compact, Unicode kept)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")

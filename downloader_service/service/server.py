@@ -1,0 +1,95 @@
+"""Run the service as a process: the webhook on CherryPy's HTTP server, or workers alone.
+
+The one place global state (logging, signal handlers, CherryPy's engine) is set up.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import cherrypy
+
+from .app import create_app, downloader_factory
+from .logs import configure_json_logging
+from .metrics import ServiceMetrics
+from .settings import Settings
+from .store import open_store
+from .worker import Worker
+
+LOGGER = logging.getLogger(__name__)
+
+
+def serve(settings: Settings) -> None:
+    """Configure logging and CherryPy, mount the app and block until a signal stops it.
+
+    SIGTERM stops intake and claiming; running downloads get ``shutdown_grace`` seconds,
+    then they are handed back to the store for the next worker.
+    """
+    configure_json_logging(settings.log_level)
+    app = create_app(settings)
+    cherrypy.tree.apps[""] = app
+    cherrypy.config.update(
+        {
+            "server.socket_host": settings.host,
+            "server.socket_port": settings.port,
+            # Requests only write and read rows (a sync POST waits at most sync_wait).
+            "server.thread_pool": settings.http_threads,
+            # CherryPy's listen backlog of 5 resets connections of a burst (50 at once lost some).
+            "server.socket_queue_size": 128,
+            # The body limit is ours (413 as JSON), not cheroot's plain-text one.
+            "server.max_request_body_size": 0,
+            "engine.autoreload.on": False,
+            "checker.on": False,
+            "log.screen": False,
+        }
+    )
+    # Waiting sync requests answer 202 at once (their jobs are safe in the store) ...
+    cherrypy.engine.subscribe("stop", app.service.stopping.set, priority=10)
+    # ... and downloads get their grace after the HTTP server has stopped taking requests.
+    cherrypy.engine.subscribe("stop", lambda: app.service.close(settings.shutdown_grace), priority=90)
+    LOGGER.info(
+        "serving",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "cartd_url": settings.cartd_url,
+            "download_root": settings.root(),
+            "store": app.service.store.describe(),
+            "workers": settings.workers,
+            "event_types": list(settings.event_types),
+        },
+    )
+    cherrypy.engine.signals.subscribe()
+    cherrypy.engine.start()
+    cherrypy.engine.block()
+
+
+def run_worker(settings: Settings) -> None:
+    """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
+    configure_json_logging(settings.log_level)
+    store = open_store(
+        settings.database(), upgrade=settings.db_upgrade, max_overflow=max(4, settings.workers)
+    )
+    worker = Worker(store, downloader_factory(settings), settings, ServiceMetrics())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: stop.set())
+    try:
+        worker.start()
+        LOGGER.info(
+            "working",
+            extra={
+                "owner": worker.owner,
+                "workers": settings.workers,
+                "cartd_url": settings.cartd_url,
+                "download_root": settings.root(),
+                "store": store.describe(),
+            },
+        )
+        stop.wait()
+        LOGGER.info("stopping", extra={"grace": settings.shutdown_grace, "running": worker.busy()})
+        worker.stop(settings.shutdown_grace)
+    finally:
+        store.close()

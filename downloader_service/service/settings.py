@@ -1,0 +1,322 @@
+"""The webhook service's configuration: a frozen value with named defaults, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from ..cartapi import (
+    DEFAULT_CART_API_URL,
+    DEFAULT_CART_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+)
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8080
+DEFAULT_EVENT_TYPES: Final = ("org.pacifica.metadata.ingest",)
+DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+DEFAULT_WORKERS: Final = 4
+DEFAULT_HTTP_THREADS: Final = 32
+DEFAULT_RETRY_AFTER: Final = 5
+DEFAULT_ALLOWED_ORIGINS: Final = ("*",)
+DEFAULT_ALLOWED_RATE: Final = 120
+DEFAULT_FILENAME: Final = "data"
+DEFAULT_SYNC_WAIT: Final = 30.0
+DEFAULT_LEASE_SECONDS: Final = 60.0
+DEFAULT_POLL_INTERVAL: Final = 0.5
+DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+# Retries: 5 s, 10 s, 20 s, ... at most 15 min apart, for a day; then the job is a dead letter.
+DEFAULT_RETRY_BASE: Final = 5.0
+DEFAULT_RETRY_MAX_DELAY: Final = 900.0
+DEFAULT_RETRY_WINDOW: Final = 86400.0
+STATE_DIR_NAME: Final = "pacifica-downloader"
+DATABASE_FILE: Final = "jobs.sqlite3"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told. Field metadata names the environment variable."""
+
+    host: str = field(
+        default=DEFAULT_HOST, metadata={"env": "DOWNLOADER_HOST", "help": "address to listen on"}
+    )
+    port: int = field(default=DEFAULT_PORT, metadata={"env": "DOWNLOADER_PORT", "help": "port to listen on"})
+    cartd_url: str = field(
+        default=DEFAULT_CART_API_URL, metadata={"env": "CARTD_URL", "help": "Cartd's cart API URL"}
+    )
+    state_dir: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_STATE_DIR",
+            "help": "where the job database and downloads live (default: $STATE_DIRECTORY, else "
+            "$XDG_STATE_HOME/pacifica-downloader, else ~/.local/state/pacifica-downloader)",
+        },
+    )
+    download_root: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_ROOT",
+            "help": "where per-event download directories are made (default: <state dir>/downloads)",
+        },
+    )
+    database_url: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_DATABASE_URL",
+            "help": "the job store: postgresql://user:pw@host/db, or sqlite:///path "
+            "(default: SQLite <state dir>/jobs.sqlite3)",
+        },
+    )
+    db_upgrade: bool = field(
+        default=True,
+        metadata={
+            "env": "DOWNLOADER_DB_UPGRADE",
+            "help": "bring the job store's schema up to date at start (else only check it)",
+        },
+    )
+    event_types: tuple[str, ...] = field(
+        default=DEFAULT_EVENT_TYPES,
+        metadata={"env": "DOWNLOADER_EVENT_TYPES", "help": "comma-separated event types accepted"},
+    )
+    strict: bool = field(
+        default=False,
+        metadata={
+            "env": "DOWNLOADER_STRICT",
+            "help": "answer events that can never be downloaded 4xx, and final failures with their "
+            "error status (default: record them as rejected/failed jobs and answer 2xx)",
+        },
+    )
+    token: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_TOKEN",
+            "help": "bearer token required on POST / and /jobs (empty: none)",
+        },
+    )
+    basic_auth: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_BASIC_AUTH",
+            "help": "user:password accepted as HTTP basic auth on POST / and /jobs (empty: none)",
+        },
+    )
+    max_body_bytes: int = field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        metadata={"env": "DOWNLOADER_MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"},
+    )
+    workers: int = field(
+        default=DEFAULT_WORKERS,
+        metadata={
+            "env": "DOWNLOADER_WORKERS",
+            "help": "downloads run at once by this process (0: intake only)",
+        },
+    )
+    http_threads: int = field(
+        default=DEFAULT_HTTP_THREADS,
+        metadata={"env": "DOWNLOADER_HTTP_THREADS", "help": "requests served at once"},
+    )
+    max_queued: int = field(
+        default=0,
+        metadata={
+            "env": "DOWNLOADER_MAX_QUEUED",
+            "help": "queued jobs before new events get 429 (0: no cap, the disk is the limit)",
+        },
+    )
+    respond_async: bool = field(
+        default=False,
+        metadata={
+            "env": "DOWNLOADER_ASYNC",
+            "help": "answer every POST 202 + status_url (else only with Prefer: respond-async)",
+        },
+    )
+    sync_wait: float = field(
+        default=DEFAULT_SYNC_WAIT,
+        metadata={
+            "env": "DOWNLOADER_SYNC_WAIT",
+            "help": "seconds a synchronous POST waits for its download before answering 202",
+        },
+    )
+    retry_after: int = field(
+        default=DEFAULT_RETRY_AFTER,
+        metadata={"env": "DOWNLOADER_RETRY_AFTER", "help": "Retry-After seconds on 429 and 503"},
+    )
+    retry_base: float = field(
+        default=DEFAULT_RETRY_BASE,
+        metadata={
+            "env": "DOWNLOADER_RETRY_BASE",
+            "help": "seconds before the first retry of a failed download",
+        },
+    )
+    retry_max_delay: float = field(
+        default=DEFAULT_RETRY_MAX_DELAY,
+        metadata={"env": "DOWNLOADER_RETRY_MAX_DELAY", "help": "longest pause between two retries"},
+    )
+    retry_window: float = field(
+        default=DEFAULT_RETRY_WINDOW,
+        metadata={
+            "env": "DOWNLOADER_RETRY_WINDOW",
+            "help": "seconds after its arrival that a job is retried before it fails for good",
+        },
+    )
+    lease_seconds: float = field(
+        default=DEFAULT_LEASE_SECONDS,
+        metadata={
+            "env": "DOWNLOADER_LEASE_SECONDS",
+            "help": "a running job's lease; a job whose worker died is taken over when it runs out",
+        },
+    )
+    shutdown_grace: float = field(
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metadata={
+            "env": "DOWNLOADER_SHUTDOWN_GRACE",
+            "help": "seconds running downloads may finish after SIGTERM before they are handed back",
+        },
+    )
+    poll_interval: float = field(
+        default=DEFAULT_POLL_INTERVAL,
+        metadata={"env": "DOWNLOADER_POLL_INTERVAL", "help": "seconds an idle worker waits between looks"},
+    )
+    retention: float = field(
+        default=0.0,
+        metadata={
+            "env": "DOWNLOADER_RETENTION",
+            "help": "seconds a finished job's download is kept before it is removed (0: for ever)",
+        },
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=DEFAULT_ALLOWED_ORIGINS,
+        metadata={
+            "env": "DOWNLOADER_ALLOWED_ORIGINS",
+            "help": "webhook origins allowed (comma-separated, * = all)",
+        },
+    )
+    allowed_rate: int = field(
+        default=DEFAULT_ALLOWED_RATE,
+        metadata={"env": "DOWNLOADER_ALLOWED_RATE", "help": "requests per minute granted in the handshake"},
+    )
+    filename: str = field(
+        default=DEFAULT_FILENAME,
+        metadata={"env": "DOWNLOADER_FILENAME", "help": "directory inside download_path holding the files"},
+    )
+    cart_timeout: float = field(
+        default=DEFAULT_CART_TIMEOUT,
+        metadata={"env": "DOWNLOADER_CART_TIMEOUT", "help": "seconds to wait for Cartd to stage a cart"},
+    )
+    connect_timeout: float = field(
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metadata={"env": "CARTD_CONNECT_TIMEOUT", "help": "seconds to connect to Cartd"},
+    )
+    read_timeout: float = field(
+        default=DEFAULT_READ_TIMEOUT,
+        metadata={"env": "CARTD_READ_TIMEOUT", "help": "seconds Cartd may stay silent mid-answer"},
+    )
+    log_level: str = field(
+        default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
+    )
+
+    def state(self) -> str:
+        """The state directory, resolving the default at call time (it follows the environment)."""
+        return self.state_dir or default_state_dir()
+
+    def root(self) -> str:
+        """The download root: ``DOWNLOADER_ROOT``, else ``downloads`` in the state directory."""
+        return self.download_root or os.path.join(self.state(), "downloads")
+
+    def database(self) -> str:
+        """The job store's URL: ``DOWNLOADER_DATABASE_URL``, else SQLite in the state directory."""
+        return self.database_url or "sqlite:///" + os.path.join(self.state(), DATABASE_FILE)
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
+    """Where state survives reboots: systemd's ``$STATE_DIRECTORY``, else the XDG state home.
+
+    Never the temp dir: a job store there would forget accepted events at the next reboot.
+    """
+    environ = os.environ if environ is None else environ
+    systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return systemd
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, STATE_DIR_NAME)
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "bool": _bool,
+    "str": str,
+    "tuple[str, ...]": _names,
+}
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+    A malformed value raises ``ValueError`` naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        name = spec.metadata["env"]
+        if name in environ:
+            try:
+                values[spec.name] = _PARSERS[str(spec.type)](environ[name])
+            except ValueError as exc:
+                raise ValueError(f"{name}={environ[name]!r}: {exc}") from exc
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
+
+def _check(settings: Settings) -> None:
+    for name in ("max_body_bytes", "http_threads"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1")
+    for name in (
+        "workers",
+        "max_queued",
+        "retry_after",
+        "sync_wait",
+        "retention",
+        "retry_base",
+        "shutdown_grace",
+    ):
+        if getattr(settings, name) < 0:
+            raise ValueError(f"{name} must not be negative")
+    if settings.lease_seconds < 1 or settings.poll_interval <= 0:
+        raise ValueError("lease_seconds must be at least 1 and poll_interval above 0")
+    if settings.retry_max_delay < settings.retry_base:
+        raise ValueError("retry_max_delay must not be below retry_base")
+    if settings.basic_auth and ":" not in settings.basic_auth:
+        raise ValueError("basic_auth must be user:password")
+    if not settings.event_types:
+        raise ValueError("event_types must name at least one type")
+    if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:
+        raise ValueError(f"filename must be one directory name, not {settings.filename!r}")
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """``(variable, default, meaning)`` for every setting, for ``--help`` and the README."""
+    rows = []
+    for spec in fields(Settings):
+        default = spec.default
+        shown = ",".join(default) if isinstance(default, tuple) else str(default)
+        rows.append((spec.metadata["env"], shown, spec.metadata["help"]))
+    return rows

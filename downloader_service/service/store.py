@@ -1,0 +1,646 @@
+"""The job store: the schema and every query of jobs, on SQLite or PostgreSQL (SQLAlchemy Core).
+
+Jobs are rows. The intake inserts one per event, in the same transaction for a whole batch,
+before it answers; a unique key on (``source``, ``event_id``) makes a second delivery of an
+event find the first job instead of making another. Workers claim a job by setting its
+``lease_owner`` and ``lease_expires``: on PostgreSQL the candidate row is locked with
+``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines never claim
+the same job; on SQLite every write transaction is ``BEGIN IMMEDIATE``, which serialises them.
+A worker renews its leases while it works; a job whose lease ran out is claimable again, and
+its claimer cleans what the dead attempt left (``attempt_path``, ``cart_url``). Every change a
+worker makes is conditional on still holding the lease, so a worker that lost its job can
+no longer touch it.
+
+Times are seconds since the epoch from the injected ``clock``: the database is shared by
+machines, so a monotonic clock would not do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..cartfile import CartFile
+from ..errors import DownloaderError
+from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, STATES, Job, JobError, dumps
+
+LOGGER = logging.getLogger(__name__)
+
+MIGRATIONS: Final = Path(__file__).with_name("migrations")
+VERSION_TABLE: Final = "downloader_schema_version"
+# pg_advisory_xact_lock key serialising schema upgrades started by many replicas at once.
+_UPGRADE_LOCK: Final = 0x70616369666963  # "pacific"
+SQLITE_BUSY_TIMEOUT: Final = 30.0
+
+METADATA = MetaData()
+
+jobs = Table(
+    "jobs",
+    METADATA,
+    Column("id", String(32), primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    # When the job may be claimed next; retries move it forward.
+    Column("run_at", Float, nullable=False),
+    # Start of the retry window: the arrival, or the moment an operator asked for a retry.
+    Column("retry_from", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("event", Text, nullable=False),
+    Column("files", Text, nullable=False),
+    Column("lease_owner", String(200)),
+    Column("lease_expires", Float),
+    Column("attempt_path", Text),
+    Column("cart_url", Text),
+    Column("download_path", Text),
+    Column("host", String(255)),
+    Column("result", Text),
+    Column("error_kind", String(64)),
+    Column("error_detail", Text),
+    Column("error_retryable", Boolean),
+    Column("error_context", Text),
+    Column("removed_at", Float),
+    UniqueConstraint("source", "event_id", name="uq_jobs_source_event_id"),
+    Index("ix_jobs_state_run_at", "state", "run_at"),
+    Index("ix_jobs_created_at", "created_at"),
+)
+
+
+class StoreError(DownloaderError):
+    """The job store could not be read or written (database down, disk full, locked)."""
+
+    retryable = True
+
+
+class SchemaError(StoreError):
+    """The database's schema is not the one this version needs."""
+
+    retryable = False
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why."""
+
+    id: str
+    source: str
+    event_id: str
+    type: str
+    event: Mapping[str, Any]
+    files: Sequence[CartFile] = ()
+    error: JobError | None = None
+
+    @property
+    def state(self) -> str:
+        return REJECTED if self.error is not None else QUEUED
+
+
+def engine_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` use psycopg 3; everything else as given."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class JobStore:
+    """Every database operation on jobs, and nothing else."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 8,
+        max_overflow: int = 32,
+    ) -> None:
+        self.url = engine_url(url)
+        self.clock = clock
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = _sqlite_engine(self.url, parsed.database, pool_size, max_overflow)
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(
+                self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+            )
+        else:
+            raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
+        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def describe(self) -> str:
+        """The URL without its password, for logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    # ------------------------------------------------------------------ schema
+    def upgrade(self) -> str:
+        """Bring the schema to the newest revision (idempotent, safe from many processes)."""
+        from alembic import command
+
+        config = _alembic_config()
+        with self._write() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+        return self.check()
+
+    def check(self) -> str:
+        """Return the schema revision, or raise :class:`SchemaError` if it is not the newest."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+        with self._read() as conn:
+            current = MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE}
+            ).get_current_revision()
+        if current != head:
+            raise SchemaError(
+                f"the job store {self.describe()} is at schema revision {current or 'none'}, this "
+                f"version needs {head}: run `downloader-service db upgrade`",
+                revision=current,
+                head=head,
+            )
+        return str(head)
+
+    # ------------------------------------------------------------------ intake
+    def add(self, new_jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
+        """Insert the jobs in one transaction: ``(job, created)`` for each, in order.
+
+        An event already known (same ``source`` and ``id``) gives the existing job and
+        ``created=False`` -- except a ``failed`` job whose last error was retryable, which
+        is queued again: the sender's new delivery is taken as a request to retry.
+        """
+        now = self.clock()
+        answers = []
+        with self._write() as conn:
+            for new in new_jobs:
+                inserted = conn.execute(
+                    self._insert(jobs)
+                    .values(**_new_row(new, now))
+                    .on_conflict_do_nothing(index_elements=["source", "event_id"])
+                    .returning(jobs.c.id)
+                ).first()
+                if inserted is not None:
+                    answers.append((_job(_select_one(conn, jobs.c.id == new.id)), True))
+                    continue
+                existing = _job(
+                    _select_one(conn, and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id))
+                )
+                if existing.state == FAILED and existing.error is not None and existing.error.retryable:
+                    _requeue(conn, existing.id, now)
+                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id)), True))
+                else:
+                    answers.append((existing, False))
+        return answers
+
+    # ----------------------------------------------------------------- workers
+    def claim(self, owner: str, lease: float) -> Job | None:
+        """Take the next job that is due, or one whose worker's lease ran out."""
+        now = self.clock()
+        due = or_(
+            and_(jobs.c.state == QUEUED, jobs.c.run_at <= now),
+            and_(jobs.c.state == RUNNING, jobs.c.lease_expires < now),
+        )
+        candidate = (
+            select(jobs.c.id)
+            .where(due)
+            .order_by(jobs.c.run_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        with self._write() as conn:
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == candidate)
+                .values(
+                    state=RUNNING,
+                    lease_owner=owner,
+                    lease_expires=now + lease,
+                    attempts=jobs.c.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(*jobs.c)
+            ).first()
+        return None if row is None else _job(row)
+
+    def renew(self, job_ids: Iterable[str], owner: str, lease: float) -> set[str]:
+        """Extend the leases ``owner`` holds; returns the ids it still holds."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        now = self.clock()
+        with self._write() as conn:
+            rows = conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids), jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                .values(lease_expires=now + lease)
+                .returning(jobs.c.id)
+            ).all()
+        return {row.id for row in rows}
+
+    def note_attempt(self, job_id: str, owner: str, **values: str | None) -> bool:
+        """Record where the running attempt writes (``attempt_path``) or its ``cart_url``."""
+        unknown = set(values) - {"attempt_path", "cart_url"}
+        if unknown:
+            raise TypeError(f"note_attempt takes attempt_path and cart_url, not {sorted(unknown)}")
+        return self._update_held(job_id, owner, **values)
+
+    def finish(
+        self, job_id: str, owner: str, download_path: str, host: str, result: Mapping[str, Any]
+    ) -> bool:
+        """The attempt succeeded: the job is ``done``."""
+        now = self.clock()
+        return self._update_held(
+            job_id,
+            owner,
+            state=DONE,
+            download_path=download_path,
+            host=host,
+            result=dumps(dict(result)),
+            finished_at=now,
+            attempt_path=None,
+            cart_url=None,
+            lease_owner=None,
+            lease_expires=None,
+        )
+
+    def retry_later(self, job_id: str, owner: str, error: JobError, run_at: float) -> bool:
+        """The attempt failed and may succeed later: back to ``queued`` until ``run_at``."""
+        return self._update_held(
+            job_id,
+            owner,
+            state=QUEUED,
+            run_at=run_at,
+            attempt_path=None,
+            cart_url=None,
+            lease_owner=None,
+            lease_expires=None,
+            **_error_values(error),
+        )
+
+    def fail(self, job_id: str, owner: str, error: JobError) -> bool:
+        """The attempt failed for good: the job is a dead letter (``failed``)."""
+        return self._update_held(
+            job_id,
+            owner,
+            state=FAILED,
+            finished_at=self.clock(),
+            attempt_path=None,
+            cart_url=None,
+            lease_owner=None,
+            lease_expires=None,
+            **_error_values(error),
+        )
+
+    def release(self, job_id: str, owner: str, clean: bool = True) -> bool:
+        """Give a job back (shutdown): queued at once, the attempt not counted.
+
+        With ``clean=False`` the attempt's directory and cart stay recorded, for the next
+        claimer to remove (the releasing worker could not).
+        """
+        leftovers = {"attempt_path": None, "cart_url": None} if clean else {}
+        return self._update_held(
+            job_id,
+            owner,
+            state=QUEUED,
+            run_at=self.clock(),
+            attempts=jobs.c.attempts - 1,
+            lease_owner=None,
+            lease_expires=None,
+            **leftovers,
+        )
+
+    # --------------------------------------------------------------- operators
+    def get(self, job_id: str) -> Job | None:
+        """The job with this id."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else _job(row)
+
+    def get_many(self, job_ids: Sequence[str]) -> list[Job]:
+        """The jobs with these ids, in the order asked (unknown ids left out)."""
+        with self._read() as conn:
+            rows = {
+                row.id: _job(row) for row in conn.execute(select(jobs).where(jobs.c.id.in_(list(job_ids))))
+            }
+        return [rows[job_id] for job_id in job_ids if job_id in rows]
+
+    def list_jobs(self, state: str | None = None, limit: int = 50, before: str | None = None) -> list[Job]:
+        """Newest first; ``before`` (a job id) pages on past that job."""
+        query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            if state not in STATES:
+                raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+            query = query.where(jobs.c.state == state)
+        with self._read() as conn:
+            if before is not None:
+                cursor = conn.execute(select(jobs.c.created_at, jobs.c.id).where(jobs.c.id == before)).first()
+                if cursor is None:
+                    raise KeyError(before)
+                query = query.where(
+                    or_(
+                        jobs.c.created_at < cursor.created_at,
+                        and_(jobs.c.created_at == cursor.created_at, jobs.c.id < cursor.id),
+                    )
+                )
+            return [_job(row) for row in conn.execute(query)]
+
+    def retry(self, job_id: str) -> Job | None:
+        """Queue a ``failed`` (or ``queued``) job at once, with a fresh retry window.
+
+        Returns the job as it now stands (unchanged if it was running, done or rejected),
+        ``None`` if there is no such job.
+        """
+        now = self.clock()
+        with self._write() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            if row is None:
+                return None
+            if row.state in (FAILED, QUEUED):
+                _requeue(conn, job_id, now)
+            return _job(_select_one(conn, jobs.c.id == job_id))
+
+    def delete(self, job_id: str) -> Job | None:
+        """Remove the job's record (the caller removes its files); the job as it was."""
+        with self._write() as conn:
+            row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*jobs.c)).first()
+        return None if row is None else _job(row)
+
+    def finished_before(self, when: float, limit: int = 100) -> list[Job]:
+        """Done jobs finished before ``when`` whose download is still on disk (retention)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs)
+                .where(jobs.c.state == DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
+                .order_by(jobs.c.finished_at)
+                .limit(limit)
+            )
+            return [_job(row) for row in rows]
+
+    def mark_removed(self, job_id: str) -> bool:
+        """Record that a done job's download was removed (the record stays for duplicates)."""
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(removed_at=self.clock(), updated_at=self.clock())
+            )
+        return bool(result.rowcount)
+
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of ``paths`` a job names as its download or its current attempt."""
+        if not paths:
+            return set()
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.download_path, jobs.c.attempt_path).where(
+                    or_(jobs.c.download_path.in_(list(paths)), jobs.c.attempt_path.in_(list(paths)))
+                )
+            ).all()
+        return {path for row in rows for path in row if path is not None}
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs by state, and the age in seconds of the oldest job that is due but unclaimed."""
+        now = self.clock()
+        with self._read() as conn:
+            counts: dict[str, int] = dict(
+                conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+            )
+            oldest = conn.execute(
+                select(func.min(jobs.c.run_at)).where(jobs.c.state == QUEUED, jobs.c.run_at <= now)
+            ).scalar()
+        return {
+            "jobs": {state: int(counts.get(state, 0)) for state in STATES},
+            "oldest_due_seconds": 0.0 if oldest is None else max(0.0, now - float(oldest)),
+        }
+
+    def queued(self) -> int:
+        """How many jobs wait (due or not)."""
+        with self._read() as conn:
+            return int(conn.execute(select(func.count()).where(jobs.c.state == QUEUED)).scalar() or 0)
+
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers a write transaction."""
+        with self._write() as conn:
+            conn.execute(select(1))
+
+    # ---------------------------------------------------------------- plumbing
+    def _update_held(self, job_id: str, owner: str, **values: Any) -> bool:
+        """Update a running job only while ``owner`` still holds its lease."""
+        values.setdefault("updated_at", self.clock())
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                .values(**values)
+            )
+        return bool(result.rowcount)
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._translated(), self.engine.connect() as conn:
+            conn = conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._translated(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise StoreError(f"the job store {self.describe()} failed: {_short(exc)}") from exc
+
+
+def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
+    """Open the store, creating a SQLite file's directory, and upgrade (or check) its schema."""
+    store = JobStore(url, **kwargs)
+    if store.dialect == "sqlite":
+        database = make_url(store.url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        store.upgrade() if upgrade else store.check()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow: int) -> Engine:
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, say when transactions begin (see _begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if database and database != ":memory:":
+            cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (the WAL fsynced) before the intake answers 2xx.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # A write transaction takes the write lock up front, so two claimers cannot both
+        # read the same due job; reads stay deferred and run beside writers (WAL).
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("version_table", VERSION_TABLE)
+    return config
+
+
+def _new_row(new: NewJob, now: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": new.id,
+        "source": new.source,
+        "event_id": new.event_id,
+        "type": new.type,
+        "state": new.state,
+        "attempts": 0,
+        "run_at": now,
+        "retry_from": now,
+        "created_at": now,
+        "updated_at": now,
+        "event": dumps(dict(new.event)),
+        "files": dumps([file.as_cartd() for file in new.files]),
+    }
+    if new.error is not None:
+        row.update(_error_values(new.error), finished_at=now)
+    return row
+
+
+def _requeue(conn: Connection, job_id: str, now: float) -> None:
+    conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(state=QUEUED, run_at=now, retry_from=now, updated_at=now, finished_at=None)
+    )
+
+
+def _error_values(error: JobError) -> dict[str, Any]:
+    return {
+        "error_kind": error.kind,
+        "error_detail": error.detail,
+        "error_retryable": error.retryable,
+        "error_context": dumps(dict(error.context)),
+    }
+
+
+def _select_one(conn: Connection, where: Any) -> Any:
+    return conn.execute(select(jobs).where(where)).one()
+
+
+def _job(row: Any) -> Job:
+    error = None
+    if row.error_kind is not None:
+        error = JobError(
+            row.error_kind,
+            row.error_detail or "",
+            bool(row.error_retryable),
+            json.loads(row.error_context or "{}"),
+        )
+    files = tuple(CartFile(**entry) for entry in json.loads(row.files or "[]"))
+    return Job(
+        id=row.id,
+        source=row.source,
+        event_id=row.event_id,
+        type=row.type,
+        state=row.state,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        run_at=row.run_at,
+        retry_from=row.retry_from,
+        files=files,
+        event=json.loads(row.event),
+        lease_owner=row.lease_owner,
+        lease_expires=row.lease_expires,
+        attempt_path=row.attempt_path,
+        cart_url=row.cart_url,
+        download_path=row.download_path,
+        host=row.host,
+        result=json.loads(row.result) if row.result else None,
+        error=error,
+        finished_at=row.finished_at,
+        removed_at=row.removed_at,
+    )
+
+
+def _short(exc: BaseException) -> str:
+    """A database error's first line (SQLAlchemy appends the statement and a help link)."""
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return (first[0] if first else type(exc).__name__)[:300]
+
+
+def default_owner() -> str:
+    """A lease owner name: host, process and a random part (a restarted pid 1 is a new owner)."""
+    import socket
+    import uuid
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

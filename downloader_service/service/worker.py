@@ -1,0 +1,375 @@
+"""The worker: claim a job from the store, download it, record how it ended; renew leases.
+
+One :class:`Worker` runs ``settings.workers`` download threads and one heartbeat thread
+in a process. The heartbeat renews the leases of the jobs being downloaded; a job whose
+lease was lost (another worker took it over) or that must stop (shutdown past its grace) is
+cancelled at the next progress call of its download. The worker knows nothing of HTTP.
+
+Each attempt writes into a directory of its own, ``event-<event id>-<job>-<attempt>``
+under the download root, which is recorded in the job *before* it is made; the cart's URL
+is recorded as soon as Cartd accepts it. Whoever claims a job whose worker died removes
+that directory and deletes that cart first, and :meth:`Worker.recover` removes
+``event-*`` directories that no job names (an attempt killed between two steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..downloader import Downloader, DownloadResult
+from ..errors import LocalStorageError
+from ..progress import DownloadProgress
+from .jobs import Job, JobError
+from .metrics import ServiceMetrics
+from .retry import RetryPolicy
+from .settings import Settings
+from .store import JobStore, StoreError, default_owner
+
+LOGGER = logging.getLogger(__name__)
+
+DIRECTORY_PREFIX = "event-"
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+RETENTION_SWEEP_SECONDS = 60.0
+
+DownloaderFactory = Callable[[DownloadProgress], Downloader]
+
+
+class JobCancelled(Exception):
+    """Raised inside a download to stop it: the lease was lost, or the worker is stopping."""
+
+    def __init__(self, reason: str, release: bool) -> None:
+        super().__init__(reason)
+        self.release = release
+
+
+class _Active:
+    """A job being downloaded, and whether (and why) it must stop."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.cancelled: JobCancelled | None = None
+
+    def cancel(self, reason: str, release: bool) -> None:
+        if self.cancelled is None:
+            self.cancelled = JobCancelled(reason, release)
+
+    def check(self) -> None:
+        if self.cancelled is not None:
+            raise self.cancelled
+
+
+class _JobProgress(DownloadProgress):
+    """Records the cart in the job and stops the download when the job is cancelled."""
+
+    def __init__(self, active: _Active, on_cart: Callable[[str], None]) -> None:
+        self.active = active
+        self.on_cart = on_cart
+
+    def cart_created(self, cart_url: str, files: int) -> None:
+        self.on_cart(cart_url)
+        self.active.check()
+
+    def cart_status(self, status: str, message: str) -> None:
+        self.active.check()
+
+    def file_started(self, path: str, size: int) -> None:
+        self.active.check()
+
+    def file_advanced(self, nbytes: int) -> None:
+        self.active.check()
+
+
+class Worker:
+    """Download threads and a heartbeat over one :class:`JobStore`."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        make_downloader: DownloaderFactory,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        *,
+        retry: RetryPolicy | None = None,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.make_downloader = make_downloader
+        self.settings = settings
+        self.metrics = metrics
+        self.retry = retry or RetryPolicy(
+            settings.retry_base, settings.retry_max_delay, settings.retry_window
+        )
+        self.owner = owner or default_owner()
+        self.host = socket.gethostname()
+        self.clock = clock
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._active: dict[str, _Active] = {}
+        self._threads: list[threading.Thread] = []
+        self._last_renewal = time.monotonic()
+        self._last_sweep = 0.0
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self) -> Worker:
+        """Check the download root, clean leftovers of dead attempts, then start the threads."""
+        prepare_root(self.settings.root())
+        self.recover()
+        for number in range(self.settings.workers):
+            thread = threading.Thread(target=self._loop, name=f"download-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        self._threads.append(heartbeat)
+        return self
+
+    def wake(self) -> None:
+        """New jobs were added: idle threads look at once instead of at their next poll."""
+        self._wakeup.set()
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop claiming; give running downloads ``grace`` seconds, then hand them back.
+
+        A job handed back is ``queued`` again, its attempt not counted, for this process's
+        next start or any other worker.
+        """
+        self._stopping.set()
+        self._wakeup.set()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            if thread.name.startswith("download-"):
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            active = list(self._active.values())
+        for job in active:
+            job.cancel("the worker is stopping", release=True)
+        # A download stuck in a read notices only when the read returns: wait a little, then
+        # release the lease ourselves; its leftovers are cleaned by the next claimer.
+        for thread in self._threads:
+            thread.join(max(0.0, min(5.0, deadline + 5.0 - time.monotonic())))
+        with self._lock:
+            stuck = list(self._active.values())
+        for job in stuck:
+            try:
+                self.store.release(job.job.id, self.owner, clean=False)
+            except StoreError as exc:
+                LOGGER.warning("could not release a job", extra={"job_id": job.job.id, "detail": str(exc)})
+
+    def busy(self) -> int:
+        """How many downloads this process runs now."""
+        with self._lock:
+            return len(self._active)
+
+    # -------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                ran = self.run_once()
+            except StoreError as exc:
+                LOGGER.warning("the job store failed; retrying", extra={"detail": str(exc)})
+                self._stopping.wait(self.settings.poll_interval * 4)
+                continue
+            except Exception:
+                LOGGER.exception("worker loop failed")
+                self._stopping.wait(self.settings.poll_interval * 4)
+                continue
+            if ran is None:
+                self._wakeup.wait(self.settings.poll_interval)
+                self._wakeup.clear()
+
+    def run_once(self) -> Job | None:
+        """Claim one due job and run it to its end here; the job as it ended, or None."""
+        if self._stopping.is_set():
+            return None
+        job = self.store.claim(self.owner, self.settings.lease_seconds)
+        if job is None:
+            return None
+        active = _Active(job)
+        with self._lock:
+            self._active[job.id] = active
+        try:
+            self._run(active)
+        finally:
+            with self._lock:
+                del self._active[job.id]
+        return self.store.get(job.id)
+
+    def _run(self, active: _Active) -> None:
+        job = active.job
+        self._clean_attempt(job.attempt_path, job.cart_url)
+        path = self.attempt_path(job)
+        log = {"job_id": job.id, "event_id": job.event_id, "attempt": job.attempts}
+        if not self.store.note_attempt(job.id, self.owner, attempt_path=path, cart_url=None):
+            LOGGER.warning("lost the job before it started", extra=log)
+            return
+        LOGGER.info("download started", extra={**log, "download_path": path, "files": len(job.files)})
+        started = time.monotonic()
+
+        def on_cart(cart_url: str) -> None:
+            self.store.note_attempt(job.id, self.owner, cart_url=cart_url)
+
+        try:
+            try:
+                os.mkdir(path, 0o700)
+            except OSError as exc:
+                raise LocalStorageError(f"cannot make {path}: {exc.strerror}", path=path) from exc
+            downloader = self.make_downloader(_JobProgress(active, on_cart))
+            result = downloader.download(list(job.files), self.settings.filename, path)
+        except JobCancelled as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            if exc.release:
+                self.store.release(job.id, self.owner, clean=True)
+            LOGGER.warning("download stopped", extra={**log, "reason": str(exc)})
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the job records it and retries
+            shutil.rmtree(path, ignore_errors=True)
+            self._failed(job, exc, log)
+            return
+        self._done(job, path, result, time.monotonic() - started, log)
+
+    def _done(self, job: Job, path: str, result: DownloadResult, seconds: float, log: dict[str, Any]) -> None:
+        summary = {
+            "files": result.file_count,
+            "bytes": result.bytes,
+            "seconds": round(result.seconds, 4),
+            "staging_seconds": round(result.staging_seconds, 4),
+            "cart_url": result.cart_url,
+        }
+        if not self.store.finish(job.id, self.owner, path, self.host, summary):
+            # Another worker took the job over while this one was slow: its attempt counts.
+            shutil.rmtree(path, ignore_errors=True)
+            LOGGER.warning("finished a job whose lease was lost; its download was removed", extra=log)
+            return
+        LOGGER.info("event downloaded", extra={**log, "download_path": path, **summary})
+        self.metrics.job_done(result.file_count, result.bytes, seconds, time.time() - job.created_at)
+
+    def _failed(self, job: Job, exc: Exception, log: dict[str, Any]) -> None:
+        error = JobError.of(exc)
+        previous = job.error.kind if job.error is not None else None
+        now = self.clock()
+        delay = self.retry.delay(job.attempts, exc, now - job.retry_from, previous)
+        extra = {**log, "error": error.kind, "detail": error.detail}
+        if error.kind == "internal_error":
+            LOGGER.error("download crashed", exc_info=exc, extra=extra)
+        if delay is None:
+            self.store.fail(job.id, self.owner, error)
+            LOGGER.warning("download failed for good", extra=extra)
+            self.metrics.job_failed(error.kind)
+        else:
+            self.store.retry_later(job.id, self.owner, error, now + delay)
+            LOGGER.warning("download failed; retrying later", extra={**extra, "retry_in": round(delay, 1)})
+            self.metrics.job_retried(error.kind)
+
+    # ---------------------------------------------------------- housekeeping
+    def attempt_path(self, job: Job) -> str:
+        """The directory attempt ``job.attempts`` writes into."""
+        safe = _UNSAFE_NAME_CHARS.sub("_", job.event_id)[:40]
+        return os.path.join(self.settings.root(), f"{DIRECTORY_PREFIX}{safe}-{job.id[:12]}-{job.attempts}")
+
+    def _clean_attempt(self, path: str | None, cart_url: str | None) -> None:
+        """Remove what a dead attempt left: its directory and its cart."""
+        if path is not None and _inside(path, self.settings.root()):
+            shutil.rmtree(path, ignore_errors=True)
+        if cart_url is not None:
+            # Best effort (failures are logged): a leftover cart costs Cartd space, not data.
+            self.make_downloader(DownloadProgress()).cart_api.delete_cart(cart_url)
+
+    def recover(self) -> list[str]:
+        """Remove ``event-*`` directories under the root that no job names; returns them."""
+        root = Path(self.settings.root())
+        try:
+            candidates = [str(entry) for entry in root.iterdir() if entry.name.startswith(DIRECTORY_PREFIX)]
+        except OSError:
+            return []
+        known = set()
+        for start in range(0, len(candidates), 500):
+            known |= self.store.known_paths(candidates[start : start + 500])
+        removed = [path for path in candidates if path not in known]
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        if removed:
+            LOGGER.info("removed leftovers of dead attempts", extra={"directories": len(removed)})
+        return removed
+
+    def sweep_retention(self) -> int:
+        """Remove the downloads of jobs done longer ago than ``settings.retention``."""
+        if self.settings.retention <= 0:
+            return 0
+        removed = 0
+        for job in self.store.finished_before(self.clock() - self.settings.retention):
+            if job.download_path and _inside(job.download_path, self.settings.root()):
+                shutil.rmtree(job.download_path, ignore_errors=True)
+            self.store.mark_removed(job.id)
+            removed += 1
+        if removed:
+            LOGGER.info("removed expired downloads", extra={"jobs": removed})
+        return removed
+
+    def _heartbeat(self) -> None:
+        interval = max(0.2, self.settings.lease_seconds / 3)
+        while not self._stopping.wait(interval):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Renew every lease held; cancel jobs whose lease was lost; sweep old downloads."""
+        with self._lock:
+            active = dict(self._active)
+        try:
+            held = self.store.renew(active, self.owner, self.settings.lease_seconds)
+            self._last_renewal = time.monotonic()
+        except StoreError as exc:
+            LOGGER.warning("could not renew leases", extra={"detail": str(exc)})
+            # Without a renewal the lease runs out and another worker may take the job:
+            # stop first, so that two attempts never write at once.
+            if time.monotonic() - self._last_renewal > self.settings.lease_seconds * 0.75:
+                for job in active.values():
+                    job.cancel("leases could not be renewed", release=False)
+            return
+        for job_id, job in active.items():
+            if job_id not in held:
+                job.cancel("the lease was lost to another worker", release=False)
+        if time.monotonic() - self._last_sweep > RETENTION_SWEEP_SECONDS:
+            self._last_sweep = time.monotonic()
+            try:
+                self.sweep_retention()
+            except StoreError as exc:
+                LOGGER.warning("retention sweep failed", extra={"detail": str(exc)})
+
+
+def remove_download(job: Job, settings: Settings) -> bool:
+    """Remove a job's download directory (only ever one directly inside the root)."""
+    path = job.download_path or job.attempt_path
+    if path is None or not _inside(path, settings.root()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def prepare_root(root: str) -> None:
+    """Make the download root if it is missing and prove it can be written, or raise."""
+    try:
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".write-check-", dir=root)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise LocalStorageError(
+            f"the download root {root} cannot be written: {exc.strerror or exc}", path=root
+        ) from exc
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` is strictly inside ``root`` (never remove anything else)."""
+    real_root = os.path.realpath(root)
+    return os.path.dirname(os.path.realpath(path)) == real_root

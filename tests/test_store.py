@@ -1,0 +1,283 @@
+"""The job store on SQLite and on a real PostgreSQL server: claims, leases, retries, duplicates."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from downloader_service.cartfile import CartFile
+from downloader_service.errors import CartUnavailableError
+from downloader_service.service.jobs import JobError
+from downloader_service.service.store import JobStore, NewJob, SchemaError, open_store
+from tests.postgres_server import PostgresServer
+
+FILE = CartFile("34", "a/b/foo.txt", "sha1", "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15")
+_databases = itertools.count()
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    return postgres.create_database(f"store_{next(_databases)}_{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(store_url: str, clock: Clock) -> Iterator[JobStore]:
+    store = open_store(store_url, clock=clock)
+    yield store
+    store.close()
+
+
+def new(event_id: str = "e1", source: str = "/src", error: JobError | None = None) -> NewJob:
+    files = () if error else (FILE,)
+    return NewJob(uuid.uuid4().hex, source, event_id, "t", {"id": event_id, "data": []}, files, error)
+
+
+def test_add_commits_the_event_and_its_files(store: JobStore) -> None:
+    [(job, created)] = store.add([new()])
+    assert created
+    again = store.get(job.id)
+    assert again is not None
+    assert again.state == "queued"
+    assert again.files == (FILE,)
+    assert again.event == {"id": "e1", "data": []}
+    assert again.attempts == 0
+
+
+def test_add_same_source_and_id_finds_the_first_job(store: JobStore) -> None:
+    [(first, _)] = store.add([new("same")])
+    [(second, created)] = store.add([new("same")])
+    assert not created
+    assert second.id == first.id
+    [(other, created)] = store.add([new("same", source="/elsewhere")])
+    assert created
+    assert other.id != first.id
+
+
+def test_add_batch_is_one_transaction(store: JobStore) -> None:
+    answers = store.add([new("a"), new("b"), new("a")])
+    assert [created for _job, created in answers] == [True, True, False]
+    assert answers[2][0].id == answers[0][0].id
+    assert store.stats()["jobs"]["queued"] == 2
+
+
+def test_rejected_job_is_recorded_finished_and_never_claimed(store: JobStore) -> None:
+    error = JobError("no_files", "no files", False, {"field": "files"})
+    [(job, _)] = store.add([new("bad", error=error)])
+    assert job.state == "rejected"
+    assert job.error == error
+    assert job.finished
+    assert store.claim("w", 60) is None
+
+
+def test_claim_takes_each_job_once(store: JobStore) -> None:
+    store.add([new("a"), new("b")])
+    first = store.claim("w1", 60)
+    second = store.claim("w2", 60)
+    assert first is not None and second is not None
+    assert {first.event_id, second.event_id} == {"a", "b"}
+    assert first.state == second.state == "running"
+    assert first.attempts == 1
+    assert store.claim("w3", 60) is None
+
+
+def test_claim_is_safe_from_many_threads(store: JobStore) -> None:
+    store.add([new(f"e{n}") for n in range(40)])
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all(owner: str) -> None:
+        while (job := store.claim(owner, 60)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim_all, args=(f"w{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(claimed) == 40
+    assert len(set(claimed)) == 40
+
+
+def test_expired_lease_is_claimed_again_with_the_dead_attempts_leftovers(
+    store: JobStore, clock: Clock
+) -> None:
+    store.add([new()])
+    job = store.claim("dead", 60)
+    assert job is not None
+    assert store.note_attempt(job.id, "dead", attempt_path="/root/event-1", cart_url="http://cartd/1")
+    clock.now += 59
+    assert store.claim("other", 60) is None
+    clock.now += 2
+    taken = store.claim("other", 60)
+    assert taken is not None
+    assert taken.id == job.id
+    assert taken.attempts == 2
+    assert (taken.attempt_path, taken.cart_url) == ("/root/event-1", "http://cartd/1")
+    # The dead worker can no longer change the job.
+    assert not store.finish(job.id, "dead", "/x", "h", {})
+    assert store.finish(job.id, "other", "/root/event-2", "h", {"files": 1})
+    done = store.get(job.id)
+    assert done is not None
+    assert done.state == "done"
+    assert done.attempt_path is None
+
+
+def test_renew_keeps_the_lease_and_reports_lost_ones(store: JobStore, clock: Clock) -> None:
+    store.add([new("a"), new("b")])
+    a = store.claim("w", 60)
+    b = store.claim("w", 60)
+    assert a is not None and b is not None
+    clock.now += 50
+    assert store.renew([a.id], "w", 60) == {a.id}
+    clock.now += 20  # b's lease ran out, a's did not
+    taken = store.claim("thief", 60)
+    assert taken is not None and taken.id == b.id
+    assert store.renew([a.id, b.id], "w", 60) == {a.id}
+
+
+def test_retry_later_waits_until_run_at(store: JobStore, clock: Clock) -> None:
+    store.add([new()])
+    job = store.claim("w", 60)
+    assert job is not None
+    error = JobError.of(CartUnavailableError("Cartd down", url="http://cartd"))
+    assert store.retry_later(job.id, "w", error, clock.now + 30)
+    queued = store.get(job.id)
+    assert queued is not None
+    assert queued.state == "queued"
+    assert queued.error is not None and queued.error.kind == "cartd_unavailable"
+    assert queued.summary()["last_error"]["error"] == "cartd_unavailable"
+    assert store.claim("w", 60) is None
+    assert store.stats()["oldest_due_seconds"] == 0
+    clock.now += 31
+    again = store.claim("w", 60)
+    assert again is not None
+    assert again.attempts == 2
+    assert store.stats()["jobs"]["running"] == 1
+
+
+def test_fail_is_a_dead_letter_that_retry_and_a_new_delivery_requeue(store: JobStore, clock: Clock) -> None:
+    store.add([new("x")])
+    job = store.claim("w", 60)
+    assert job is not None
+    assert store.fail(job.id, "w", JobError("cartd_unavailable", "down", True, {}))
+    failed = store.get(job.id)
+    assert failed is not None and failed.state == "failed" and failed.finished_at == clock.now
+    clock.now += 100
+    retried = store.retry(job.id)
+    assert retried is not None
+    assert retried.state == "queued"
+    assert retried.retry_from == clock.now
+    again = store.claim("w", 60)
+    assert again is not None
+    assert store.fail(again.id, "w", JobError("cartd_unavailable", "down", True, {}))
+    [(redelivered, created)] = store.add([new("x")])
+    assert created and redelivered.id == job.id and redelivered.state == "queued"
+
+
+def test_a_non_retryable_failure_is_not_requeued_by_a_new_delivery(store: JobStore) -> None:
+    store.add([new("x")])
+    job = store.claim("w", 60)
+    assert job is not None
+    store.fail(job.id, "w", JobError("unsafe_archive", "a link", False, {}))
+    [(same, created)] = store.add([new("x")])
+    assert not created and same.state == "failed"
+
+
+def test_release_hands_the_job_back_uncounted(store: JobStore) -> None:
+    store.add([new()])
+    job = store.claim("w", 60)
+    assert job is not None
+    store.note_attempt(job.id, "w", attempt_path="/r/e", cart_url="http://c/1")
+    assert store.release(job.id, "w", clean=False)
+    back = store.get(job.id)
+    assert back is not None
+    assert (back.state, back.attempts, back.lease_owner) == ("queued", 0, None)
+    assert back.attempt_path == "/r/e"  # the next claimer removes it
+
+
+def test_list_pages_newest_first_and_filters_by_state(store: JobStore, clock: Clock) -> None:
+    for n in range(5):
+        store.add([new(f"e{n}")])
+        clock.now += 1
+    page = store.list_jobs(limit=2)
+    assert [job.event_id for job in page] == ["e4", "e3"]
+    more = store.list_jobs(limit=2, before=page[-1].id)
+    assert [job.event_id for job in more] == ["e2", "e1"]
+    store.claim("w", 60)
+    assert [job.event_id for job in store.list_jobs(state="running")] == ["e0"]
+    with pytest.raises(ValueError, match="state must be one of"):
+        store.list_jobs(state="bogus")
+
+
+def test_delete_and_retention_queries(store: JobStore, clock: Clock) -> None:
+    store.add([new("old"), new("new")])
+    old = store.claim("w", 60)
+    assert old is not None
+    store.finish(old.id, "w", "/root/event-old", "h", {})
+    clock.now += 1000
+    assert [job.id for job in store.finished_before(clock.now - 500)] == [old.id]
+    assert store.mark_removed(old.id)
+    assert store.finished_before(clock.now) == []
+    assert store.known_paths(["/root/event-old", "/root/other"]) == {"/root/event-old"}
+    deleted = store.delete(old.id)
+    assert deleted is not None and deleted.id == old.id
+    assert store.get(old.id) is None
+    assert store.delete(old.id) is None
+
+
+def test_upgrade_is_idempotent_and_check_names_the_command(store_url: str, clock: Clock) -> None:
+    first = open_store(store_url, clock=clock)
+    revision = first.check()
+    assert first.upgrade() == revision
+    first.close()
+    again = open_store(store_url, upgrade=False)
+    assert again.check() == revision
+    again.close()
+
+
+def test_check_refuses_a_database_without_the_schema(tmp_path: Path) -> None:
+    store = JobStore(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    with pytest.raises(SchemaError, match="downloader-service db upgrade"):
+        store.check()
+    store.close()
+
+
+def test_upgrades_from_many_processes_at_once_make_one_schema(store_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        try:
+            open_store(store_url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

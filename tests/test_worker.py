@@ -1,0 +1,180 @@
+"""The worker over a SQLite store and the fake Cartd: attempts, dead attempts, leases, retention."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from downloader_service.cartfile import CartFile
+from downloader_service.service.app import downloader_factory
+from downloader_service.service.metrics import ServiceMetrics
+from downloader_service.service.settings import Settings, settings_from_env
+from downloader_service.service.store import JobStore, NewJob, open_store
+from downloader_service.service.worker import Worker
+from tests.fakecartd import FakeCartd, closed_port, sha1
+
+DATA = b"worker test data\n" * 100
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[JobStore]:
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.sqlite3'}", clock=clock)
+    yield store
+    store.close()
+
+
+def make_settings(tmp_path: Path, cartd_url: str, **overrides: object) -> Settings:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    return settings_from_env(
+        {}, cartd_url=cartd_url, download_root=str(root), state_dir=str(tmp_path), **overrides
+    )
+
+
+def make_worker(store: JobStore, settings: Settings, clock: Clock, owner: str = "me") -> Worker:
+    return Worker(store, downloader_factory(settings), settings, ServiceMetrics(), owner=owner, clock=clock)
+
+
+def add_job(store: JobStore, fake: FakeCartd, event_id: str = "ev") -> str:
+    fake.add(7, DATA)
+    file = CartFile("7", "dir/seven.txt", "sha1", sha1(DATA))
+    [(job, _)] = store.add([NewJob(uuid.uuid4().hex, "/src", event_id, "t", {"id": event_id}, (file,))])
+    return job.id
+
+
+def entries(tmp_path: Path) -> list[str]:
+    return sorted(path.name for path in (tmp_path / "root").iterdir())
+
+
+def test_run_once_downloads_into_the_recorded_attempt_directory(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd, "ev/1")
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url), clock)
+    done = worker.run_once()
+    assert done is not None and done.id == job_id
+    assert done.state == "done"
+    assert done.download_path == str(tmp_path / "root" / f"event-ev_1-{job_id[:12]}-1")
+    assert (Path(done.download_path) / "data/dir/seven.txt").read_bytes() == DATA
+    assert done.result is not None and done.result["bytes"] == len(DATA)
+    assert done.host
+    assert fake_cartd.deleted == [done.result["cart_url"].rsplit("/", 1)[1]]
+    assert worker.run_once() is None
+
+
+def test_a_dead_attempts_directory_and_cart_are_removed_before_the_next(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd)
+    settings = make_settings(tmp_path, fake_cartd.url, lease_seconds=30)
+    dead = store.claim("dead", 30)
+    assert dead is not None
+    leftover = tmp_path / "root" / f"event-ev-{job_id[:12]}-1"
+    (leftover / ".data.part-x" / "data").mkdir(parents=True)
+    (leftover / ".data.part-x" / "data" / "half.txt").write_bytes(b"half")
+    store.note_attempt(job_id, "dead", attempt_path=str(leftover), cart_url=f"{fake_cartd.url}/deadcart")
+    clock.now += 31  # the dead worker's lease runs out
+    done = make_worker(store, settings, clock).run_once()
+    assert done is not None and done.state == "done" and done.attempts == 2
+    assert not leftover.exists()
+    assert "deadcart" in fake_cartd.deleted
+    assert entries(tmp_path) == [Path(str(done.download_path)).name]
+
+
+def test_recover_removes_event_directories_no_job_names(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    add_job(store, fake_cartd)
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url), clock)
+    done = worker.run_once()
+    assert done is not None
+    root = tmp_path / "root"
+    (root / "event-orphan-123-1" / ".data.part-y").mkdir(parents=True)
+    (root / "notes").mkdir()  # not ours: never touched
+    removed = worker.recover()
+    assert removed == [str(root / "event-orphan-123-1")]
+    assert entries(tmp_path) == sorted([Path(str(done.download_path)).name, "notes"])
+
+
+def test_a_lost_lease_stops_the_download_and_leaves_nothing(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd)
+    fake_cartd.head = lambda cart: (202, "staging", "")  # staging for ever
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url, lease_seconds=30), clock)
+    runner = threading.Thread(target=worker.run_once)
+    runner.start()
+    deadline = time.monotonic() + 5
+    while (job := store.get(job_id)) is None or job.cart_url is None:
+        assert time.monotonic() < deadline, "the attempt never recorded its cart"
+        time.sleep(0.01)
+    clock.now += 31
+    thief = store.claim("thief", 30)
+    assert thief is not None and thief.id == job_id
+    worker.heartbeat()  # finds the lease gone and cancels the download
+    runner.join(5)
+    assert not runner.is_alive()
+    assert entries(tmp_path) == []
+    job = store.get(job_id)
+    assert job is not None and job.lease_owner == "thief" and job.state == "running"
+
+
+def test_a_failed_attempt_is_queued_again_with_backoff(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd)
+    settings = make_settings(tmp_path, f"http://127.0.0.1:{closed_port()}", retry_base=10, retry_max_delay=10)
+    job = make_worker(store, settings, clock).run_once()
+    assert job is not None and job.id == job_id
+    assert job.state == "queued"
+    assert job.error is not None and job.error.kind == "cartd_unavailable" and job.error.retryable
+    assert 5 <= job.run_at - clock.now <= 10
+    assert entries(tmp_path) == []
+    assert store.claim("other", 30) is None  # not due yet
+
+
+def test_retention_removes_old_downloads_and_keeps_the_record(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    add_job(store, fake_cartd)
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url, retention=3600), clock)
+    done = worker.run_once()
+    assert done is not None and done.download_path is not None
+    assert worker.sweep_retention() == 0
+    clock.now += 3601
+    assert worker.sweep_retention() == 1
+    assert not Path(done.download_path).exists()
+    kept = store.get(done.id)
+    assert kept is not None and kept.state == "done" and kept.removed_at == clock.now
+    assert worker.sweep_retention() == 0
+
+
+def test_start_refuses_a_download_root_it_cannot_write(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    settings = settings_from_env(
+        {}, cartd_url=fake_cartd.url, download_root=str(tmp_path / "a-file" / "root")
+    )
+    from downloader_service.errors import LocalStorageError
+
+    with pytest.raises(LocalStorageError, match="cannot be written"):
+        make_worker(store, settings, clock).start()
