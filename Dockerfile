@@ -29,8 +29,10 @@ WORKDIR /data
 VOLUME ["/data", "/state"]
 EXPOSE 8080
 
+# Liveness, not readiness: a container whose Cartd is away is not broken, and restarting it
+# would not bring Cartd back (orchestrators that route traffic should ask /health/ready).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health/live', timeout=4)"]
 
 ENTRYPOINT ["downloader-service"]
 CMD ["serve"]

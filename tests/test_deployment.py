@@ -95,3 +95,19 @@ def test_readme_configuration_table_lists_every_setting_with_its_default() -> No
         assert row is not None, variable
         if default and default not in ("False", "True"):
             assert f"`{default}`" in row, (variable, row)
+
+
+def test_compose_workers_share_the_intakes_store_and_downloads() -> None:
+    services = compose()["services"]
+    intake, worker = services["downloader"], services["worker"]
+    assert worker["command"] == ["worker"]
+    assert worker["volumes"] == intake["volumes"]
+    intake_env = settings_from_env({k: str(v) for k, v in intake["environment"].items()})
+    worker_env = {k: str(v) for k, v in worker["environment"].items()}
+    assert set(worker_env) <= KNOWN
+    worker_settings = settings_from_env(worker_env)
+    assert worker_settings.database() == intake_env.database()
+    assert urlsplit(intake_env.database()).hostname in services
+    assert intake_env.workers == 0 and worker_settings.workers > 0
+    assert str(worker_settings.health_port) in " ".join(worker["healthcheck"]["test"])
+    assert "ports" not in worker  # scaled replicas must not fight over a host port

@@ -442,7 +442,7 @@ def test_webhook_handshake(make_client: MakeClient) -> None:
     resp = make_client().options("/", headers={"WebHook-Request-Origin": "notify.example.org"})
     assert resp.status_code == 200
     assert resp.headers["WebHook-Allowed-Origin"] == "notify.example.org"
-    assert resp.headers["WebHook-Allowed-Rate"] == "120"
+    assert "WebHook-Allowed-Rate" not in resp.headers  # nothing limits the rate: none is promised
     refused = make_client(allowed_origins=("ok.example.org",)).options(
         "/", headers={"WebHook-Request-Origin": "evil.example.org"}
     )
@@ -450,13 +450,31 @@ def test_webhook_handshake(make_client: MakeClient) -> None:
     assert "WebHook-Allowed-Origin" not in refused.headers
 
 
-def test_health_says_whether_cartd_answers(make_client: MakeClient) -> None:
-    up = body(make_client().get("/health"))
-    assert up["status"] == "ok"
-    assert up["cartd"]["reachable"] is True
-    down = make_client(cartd_url=f"http://127.0.0.1:{closed_port()}").get("/health")
-    assert down.status_code == 200
-    assert body(down)["cartd"]["reachable"] is False
+def test_health_ready_says_whether_cartd_the_store_and_the_root_can_work(make_client: MakeClient) -> None:
+    client = make_client()
+    up = client.get("/health/ready")
+    assert up.status_code == 200
+    assert body(up)["status"] == "ready"
+    assert {name: check["ok"] for name, check in body(up)["checks"].items()} == {
+        "store": True,
+        "cartd": True,
+        "download_root": True,
+    }
+    assert body(up)["jobs"]["queued"] == 0
+    assert body(client.get("/health"))["status"] == "ready"
+
+    down = make_client(cartd_url=f"http://127.0.0.1:{closed_port()}")
+    assert down.get("/health/live").status_code == 200  # the process answers: do not restart it
+    ready = down.get("/health/ready")
+    assert ready.status_code == 503
+    assert body(ready)["checks"]["cartd"]["ok"] is False
+    assert body(ready)["checks"]["cartd"]["reason"].startswith("Cartd cannot be reached")
+    assert down.get("/health").status_code == 503
+
+    full = make_client(min_free_bytes=1 << 62)
+    report = body(full.get("/health/ready"))
+    assert report["checks"]["download_root"]["ok"] is False
+    assert "DOWNLOADER_MIN_FREE_BYTES" in report["checks"]["download_root"]["reason"]
 
 
 def test_metrics_count_outcomes_and_bytes(make_client: MakeClient, files: list[dict[str, Any]]) -> None:
@@ -647,3 +665,15 @@ def test_retry_requeues_a_failed_job_and_delete_removes_its_download(
     assert client.get(path).status_code == 404
     # The record is gone, so the same event is a new job.
     assert body(post(client, make_event(files, event_id="f")))["job_id"] != done["job_id"]
+
+
+def test_status_url_uses_the_public_url_not_the_senders_host_header(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    forged = {**JSON, "Host": "evil.example.org", "Prefer": "respond-async"}
+    plain = body(post(make_client(), make_event(files, event_id="h1"), forged))
+    assert plain["status_url"].startswith("http://evil.example.org/")  # what the request says
+    client = make_client(public_url="https://downloader.example.org/base/")
+    resp = post(client, make_event(files, event_id="h2"), forged)
+    assert body(resp)["status_url"] == f"https://downloader.example.org/base/jobs/{body(resp)['job_id']}"
+    assert resp.headers["Location"] == body(resp)["status_url"]

@@ -34,6 +34,7 @@ from ..errors import (
     ServiceBusyError,
 )
 from ..progress import DownloadProgress
+from .health import readiness
 from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, Job, JobError, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
@@ -117,9 +118,15 @@ class Service:
             self.worker.stop(grace)
         self.store.close()
 
+    def base_url(self) -> str:
+        """Our URL: ``DOWNLOADER_PUBLIC_URL``, else what the request says (its Host header)."""
+        if self.settings.public_url:
+            return self.settings.public_url.rstrip("/")
+        return f"{cherrypy.request.base}{cherrypy.request.script_name}"
+
     def status_url(self, job: Job) -> str:
-        """Where to ask about ``job``, absolute when the request tells us our address."""
-        return f"{cherrypy.request.base}{cherrypy.request.script_name}/jobs/{job.id}"
+        """Where to ask about ``job``."""
+        return f"{self.base_url()}/jobs/{job.id}"
 
     def check_auth(self, params: dict[str, Any]) -> None:
         """Refuse a request without a configured credential: a bearer token or basic auth."""
@@ -348,7 +355,7 @@ class Jobs:
         except KeyError as exc:
             raise HTTPError(400, "bad_request", f"no job {exc.args[0]!r} to page from") from exc
         page = found[:limit]
-        base = f"{cherrypy.request.base}{cherrypy.request.script_name}/jobs"
+        base = f"{self.service.base_url()}/jobs"
         after = f"?limit={limit}" + (f"&state={state}" if state else "")
         return {
             "jobs": [{**self.service.answer(job)[1]} for job in page],
@@ -358,33 +365,30 @@ class Jobs:
 
 @cherrypy.expose
 class Health:
-    """``GET /health``: the service answers, and says whether Cartd and the store do."""
+    """``GET /health/live`` (the process answers) and ``GET /health/ready`` (or ``/health``).
+
+    Ready: the store takes writes, Cartd answers, the download root has room; else ``503``.
+    """
 
     def __init__(self, service: Service) -> None:
         self.service = service
 
     @json_handler
-    def GET(self) -> dict[str, Any]:
-        api = self.service.make_downloader(DownloadProgress()).cart_api
-        cartd: dict[str, Any]
-        try:
-            with api.session.get(api.cart_api_url + "/", timeout=(2, 2)) as resp:
-                cartd = {"reachable": True, "status": resp.status_code}
-        except requests.RequestException as exc:
-            cartd = {"reachable": False, "detail": str(exc)}
-        try:
-            stats = self.service.store.stats()
-            store: dict[str, Any] = {"reachable": True, **stats}
-        except StoreError as exc:
-            store = {"reachable": False, "detail": str(exc)}
+    def GET(self, which: str = "") -> dict[str, Any]:
+        if which == "live":
+            return {"status": "live", "version": __version__}
+        if which not in ("", "ready"):
+            raise HTTPError(404, "not_found", f"no resource at {cherrypy.request.path_info!r}")
+        session = self.service.make_downloader(DownloadProgress()).cart_api.session
+        ready, report = readiness(self.service.settings, self.service.store, session)
+        if ready:
+            report["jobs"] = self.service.store.stats()["jobs"]
         worker = self.service.worker
-        return {
-            "status": "ok",
-            "version": __version__,
-            "cartd": {"url": api.cart_api_url, **cartd},
-            "store": {"url": self.service.store.describe(), **store},
-            "worker": None if worker is None else {"owner": worker.owner, "running": worker.busy()},
-        }
+        report["worker"] = None if worker is None else {"owner": worker.owner, "running": worker.busy()}
+        if not ready:
+            cherrypy.response.status = 503
+            cherrypy.response.headers["Retry-After"] = str(self.service.settings.retry_after)
+        return report
 
 
 @cherrypy.expose
@@ -459,8 +463,9 @@ class Root:
             return json.dumps(
                 {"error": "origin_not_allowed", "detail": f"origin {origin!r} is not allowed"}
             ).encode()
+        # No WebHook-Allowed-Rate: every valid event is stored, none is refused for its rate,
+        # so advertising a limit that nothing enforces would only mislead the sender.
         cherrypy.response.headers["WebHook-Allowed-Origin"] = origin
-        cherrypy.response.headers["WebHook-Allowed-Rate"] = str(self.service.settings.allowed_rate)
         return b"{}"
 
 

@@ -10,8 +10,10 @@ import signal
 import threading
 
 import cherrypy
+import requests
 
 from .app import create_app, downloader_factory
+from .health import readiness, serve_health
 from .logs import configure_json_logging
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -73,6 +75,15 @@ def run_worker(settings: Settings) -> None:
         settings.database(), upgrade=settings.db_upgrade, max_overflow=max(4, settings.workers)
     )
     worker = Worker(store, downloader_factory(settings), settings, ServiceMetrics())
+    worker.metrics = ServiceMetrics({"owner": worker.owner, "role": "worker"})
+    worker.metrics.in_flight.set_function(worker.busy)
+    worker.metrics.watch_store(store.stats)
+    health = None
+    if settings.health_port:
+        session = requests.Session()
+        health = serve_health(
+            settings, settings.health_port, lambda: readiness(settings, store, session), worker.metrics
+        )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: stop.set())
@@ -92,4 +103,6 @@ def run_worker(settings: Settings) -> None:
         LOGGER.info("stopping", extra={"grace": settings.shutdown_grace, "running": worker.busy()})
         worker.stop(settings.shutdown_grace)
     finally:
+        if health is not None:
+            health.shutdown()
         store.close()

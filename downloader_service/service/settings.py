@@ -22,12 +22,12 @@ DEFAULT_WORKERS: Final = 4
 DEFAULT_HTTP_THREADS: Final = 32
 DEFAULT_RETRY_AFTER: Final = 5
 DEFAULT_ALLOWED_ORIGINS: Final = ("*",)
-DEFAULT_ALLOWED_RATE: Final = 120
 DEFAULT_FILENAME: Final = "data"
 DEFAULT_SYNC_WAIT: Final = 30.0
 DEFAULT_LEASE_SECONDS: Final = 60.0
 DEFAULT_POLL_INTERVAL: Final = 0.5
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_MIN_FREE_BYTES: Final = 100 * 1024 * 1024
 # Retries: 5 s, 10 s, 20 s, ... at most 15 min apart, for a day; then the job is a dead letter.
 DEFAULT_RETRY_BASE: Final = 5.0
 DEFAULT_RETRY_MAX_DELAY: Final = 900.0
@@ -193,9 +193,13 @@ class Settings:
             "help": "webhook origins allowed (comma-separated, * = all)",
         },
     )
-    allowed_rate: int = field(
-        default=DEFAULT_ALLOWED_RATE,
-        metadata={"env": "DOWNLOADER_ALLOWED_RATE", "help": "requests per minute granted in the handshake"},
+    public_url: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_PUBLIC_URL",
+            "help": "the service's URL as clients reach it, for status_url and Location "
+            "(empty: from the request, which a sender's Host header decides)",
+        },
     )
     filename: str = field(
         default=DEFAULT_FILENAME,
@@ -212,6 +216,20 @@ class Settings:
     read_timeout: float = field(
         default=DEFAULT_READ_TIMEOUT,
         metadata={"env": "CARTD_READ_TIMEOUT", "help": "seconds Cartd may stay silent mid-answer"},
+    )
+    health_port: int = field(
+        default=0,
+        metadata={
+            "env": "DOWNLOADER_HEALTH_PORT",
+            "help": "port of `worker`'s /health/live, /health/ready and /metrics (0: none)",
+        },
+    )
+    min_free_bytes: int = field(
+        default=DEFAULT_MIN_FREE_BYTES,
+        metadata={
+            "env": "DOWNLOADER_MIN_FREE_BYTES",
+            "help": "free bytes under the download root below which /health/ready fails",
+        },
     )
     log_level: str = field(
         default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
@@ -297,6 +315,8 @@ def _check(settings: Settings) -> None:
         "retention",
         "retry_base",
         "shutdown_grace",
+        "health_port",
+        "min_free_bytes",
     ):
         if getattr(settings, name) < 0:
             raise ValueError(f"{name} must not be negative")

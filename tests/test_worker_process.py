@@ -1,0 +1,115 @@
+"""`downloader-service worker` as a process beside an intake-only `serve`: health, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.conftest import free_port, served
+from tests.events import file_obj, make_event
+from tests.fakecartd import FakeCartd
+
+SCRIPT = Path(sys.executable).with_name("downloader-service")
+DATA = b"worker process\n" * 64
+
+
+@contextmanager
+def worker_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``downloader-service worker``; wait for its "working" log line; kill it after."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(SCRIPT), "worker"], env={**os.environ, **env}, stdout=out, stderr=out)
+    try:
+        wait_until(lambda: b'"working"' in log.read_bytes(), 20, lambda: log.read_text())
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def wait_until(check: Callable[[], bool], seconds: float, why: Callable[[], str] = lambda: "") -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, why()
+        time.sleep(0.05)
+
+
+def shared_env(tmp_path: Path, fake_cartd: FakeCartd, **extra: str) -> dict[str, str]:
+    (tmp_path / "root").mkdir(exist_ok=True)
+    return {
+        "CARTD_URL": fake_cartd.url,
+        "DOWNLOADER_ROOT": str(tmp_path / "root"),
+        "DOWNLOADER_STATE_DIR": str(tmp_path / "state"),  # one SQLite store for both processes
+        "DOWNLOADER_POLL_INTERVAL": "0.05",
+        **extra,
+    }
+
+
+def job(url: str, job_id: str) -> dict[str, Any]:
+    answer: dict[str, Any] = requests.get(f"{url}/jobs/{job_id}", timeout=5).json()
+    return answer
+
+
+def test_worker_process_downloads_what_an_intake_only_replica_stored(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    fake_cartd.add(21, DATA)
+    env = shared_env(tmp_path, fake_cartd)
+    with served({**env, "DOWNLOADER_WORKERS": "0", "DOWNLOADER_ASYNC": "true"}, tmp_path / "serve.log") as (
+        url,
+        _proc,
+    ):
+        answer = requests.post(
+            url, json=make_event([file_obj(21, "a.txt", "x", DATA)], event_id="w1"), timeout=10
+        )
+        assert answer.status_code == 202
+        job_id = answer.json()["job_id"]
+        time.sleep(0.5)
+        assert job(url, job_id)["state"] == "queued"  # nobody downloads in an intake-only replica
+        health_port = free_port()
+        with worker_process({**env, "DOWNLOADER_HEALTH_PORT": str(health_port)}, tmp_path / "worker.log"):
+            wait_until(lambda: job(url, job_id)["state"] == "done", 20)
+            health = f"http://127.0.0.1:{health_port}"
+            assert requests.get(f"{health}/health/live", timeout=5).json()["status"] == "live"
+            ready = requests.get(f"{health}/health/ready", timeout=5)
+            assert ready.status_code == 200, ready.text
+            metrics = requests.get(f"{health}/metrics", timeout=5).text
+            assert 'role="worker"' in metrics
+            assert 'downloader_jobs_finished_total{state="done"} 1.0' in metrics
+    downloaded = list((tmp_path / "root").glob("event-w1-*/data/x/a.txt"))
+    assert [path.read_bytes() for path in downloaded] == [DATA]
+
+
+def test_sigterm_hands_a_running_job_back_and_the_worker_exits(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    fake_cartd.add(22, DATA)
+    fake_cartd.head = lambda cart: (202, "staging", "")  # the download never gets past staging
+    env = shared_env(tmp_path, fake_cartd, DOWNLOADER_SHUTDOWN_GRACE="1")
+    with served({**env, "DOWNLOADER_WORKERS": "0", "DOWNLOADER_ASYNC": "true"}, tmp_path / "serve.log") as (
+        url,
+        _proc,
+    ):
+        answer = requests.post(
+            url, json=make_event([file_obj(22, "b.txt", "", DATA)], event_id="w2"), timeout=10
+        )
+        job_id = answer.json()["job_id"]
+        with worker_process(env, tmp_path / "worker.log") as worker:
+            wait_until(lambda: job(url, job_id)["state"] == "running", 20)
+            assert list((tmp_path / "root").glob("event-w2-*"))
+            started = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+            assert time.monotonic() - started < 10
+        back = job(url, job_id)
+        assert back["state"] == "queued"
+        assert back["attempts"] == 0  # handed back untried: the attempt does not count
+        assert list((tmp_path / "root").iterdir()) == []
+        assert fake_cartd.deleted  # the abandoned cart was deleted on Cartd
