@@ -1,7 +1,8 @@
 # The Pacifica downloader webhook service.
 # Build: docker build -t pacifica/downloader-service .
 # Run:   docker run -p 8080:8080 -e CARTD_URL=http://cartd:8081 pacifica/downloader-service
-FROM python:3.11-slim
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -32,7 +33,7 @@ EXPOSE 8080
 # Liveness, not readiness: a container whose Cartd is away is not broken, and restarting it
 # would not bring Cartd back (orchestrators that route traffic should ask /health/ready).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health/live', timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health/live', timeout=4)"]
 
 ENTRYPOINT ["downloader-service"]
 CMD ["serve"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -64,7 +65,7 @@ def entries(tmp_path: Path) -> list[str]:
     return sorted(path.name for path in (tmp_path / "root").iterdir())
 
 
-def test_run_once_downloads_into_the_recorded_attempt_directory(
+def test_run_once_downloads_and_publishes_under_the_layout(
     store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
 ) -> None:
     job_id = add_job(store, fake_cartd, "ev/1")
@@ -72,8 +73,15 @@ def test_run_once_downloads_into_the_recorded_attempt_directory(
     done = worker.run_once()
     assert done is not None and done.id == job_id
     assert done.state == "done"
-    assert done.download_path == str(tmp_path / "root" / f"event-ev_1-{job_id[:12]}-1")
+    assert done.download_path == str(tmp_path / "root" / f"event-ev_1-{job_id[:12]}")
     assert (Path(done.download_path) / "data/dir/seven.txt").read_bytes() == DATA
+    assert json.loads((Path(done.download_path) / "notification.json").read_text()) == {"id": "ev/1"}
+    metadata = json.loads((Path(done.download_path) / "metadata.json").read_text())
+    assert metadata["event_id"] == "ev/1"
+    assert metadata["files"] == [
+        {"id": "7", "path": "dir/seven.txt", "hashtype": "sha1", "hashsum": sha1(DATA)}
+    ]
+    assert entries(tmp_path) == [Path(done.download_path).name]  # the attempt directory is gone
     assert done.result is not None and done.result["bytes"] == len(DATA)
     assert done.host
     assert fake_cartd.deleted == [done.result["cart_url"].rsplit("/", 1)[1]]
@@ -87,7 +95,7 @@ def test_a_dead_attempts_directory_and_cart_are_removed_before_the_next(
     settings = make_settings(tmp_path, fake_cartd.url, lease_seconds=30)
     dead = store.claim("dead", 30)
     assert dead is not None
-    leftover = tmp_path / "root" / f"event-ev-{job_id[:12]}-1"
+    leftover = tmp_path / "root" / f".attempt-{job_id}-1"
     (leftover / ".data.part-x" / "data").mkdir(parents=True)
     (leftover / ".data.part-x" / "data" / "half.txt").write_bytes(b"half")
     store.note_attempt(job_id, "dead", attempt_path=str(leftover), cart_url=f"{fake_cartd.url}/deadcart")
@@ -107,10 +115,10 @@ def test_recover_removes_event_directories_no_job_names(
     done = worker.run_once()
     assert done is not None
     root = tmp_path / "root"
-    (root / "event-orphan-123-1" / ".data.part-y").mkdir(parents=True)
+    (root / ".attempt-0123abcd-1" / ".data.part-y").mkdir(parents=True)
     (root / "notes").mkdir()  # not ours: never touched
     removed = worker.recover()
-    assert removed == [str(root / "event-orphan-123-1")]
+    assert removed == [str(root / ".attempt-0123abcd-1")]
     assert entries(tmp_path) == sorted([Path(str(done.download_path)).name, "notes"])
 
 
@@ -178,3 +186,52 @@ def test_start_refuses_a_download_root_it_cannot_write(
 
     with pytest.raises(LocalStorageError, match="cannot be written"):
         make_worker(store, settings, clock).start()
+
+
+def test_a_dead_attempt_that_published_but_never_recorded_done_is_redone(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd)
+    dead = store.claim("dead", 30)
+    assert dead is not None
+    published = tmp_path / "root" / f"event-ev-{job_id[:12]}"
+    (published / "data").mkdir(parents=True)
+    store.note_attempt(job_id, "dead", download_path=str(published))
+    clock.now += 31
+    done = make_worker(store, make_settings(tmp_path, fake_cartd.url, lease_seconds=30), clock).run_once()
+    assert done is not None and done.state == "done"
+    assert done.download_path == str(published)
+    assert (published / "data/dir/seven.txt").read_bytes() == DATA
+
+
+def test_layout_template_nests_by_transaction_fields_and_umask_sets_modes(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    fake_cartd.add(8, DATA)
+    file = CartFile("8", "x/eight.txt", "sha1", sha1(DATA))
+    event = {
+        "id": "ev 9",
+        "data": [
+            {"destinationTable": "Transactions._id", "value": 67},
+            {"destinationTable": "Transactions.proposal", "value": "../../etc"},
+            {"destinationTable": "Transactions.instrument", "value": 54},
+            {"destinationTable": "TransactionKeyValue", "key": "Tag", "value": "Namé"},
+        ],
+    }
+    store.add([NewJob(uuid.uuid4().hex, "/src", "ev 9", "t", event, (file,))])
+    settings = make_settings(
+        tmp_path, fake_cartd.url, layout="{proposal}/{instrument}/{transaction}-{event_id}", umask="027"
+    )
+    done = make_worker(store, settings, clock).run_once()
+    assert done is not None and done.download_path is not None
+    assert done.download_path == str(tmp_path / "root" / "_.._etc" / "54" / "67-ev_9")
+    folder = Path(done.download_path)
+    assert (folder / "data/x/eight.txt").read_bytes() == DATA
+    assert json.loads((folder / "metadata.json").read_text())["key_values"] == {"Tag": "Namé"}
+    assert (folder / "data").stat().st_mode & 0o777 == 0o750
+    assert (folder / "data/x/eight.txt").stat().st_mode & 0o777 == 0o640
+    assert (folder / "notification.json").stat().st_mode & 0o777 == 0o640
+    from downloader_service.service.worker import remove_download
+
+    assert remove_download(done, settings)
+    assert entries(tmp_path) == []  # the parents the layout made, emptied, went too

@@ -13,6 +13,7 @@ from ..cartapi import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
 )
+from .layout import DEFAULT_LAYOUT, check_layout
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8080
@@ -201,6 +202,21 @@ class Settings:
             "(empty: from the request, which a sender's Host header decides)",
         },
     )
+    layout: str = field(
+        default=DEFAULT_LAYOUT,
+        metadata={
+            "env": "DOWNLOADER_LAYOUT",
+            "help": "each download's directory under the root, from {event_id} {source} {job} "
+            "{transaction} {proposal} {instrument} {submitter} {date}; / makes subdirectories",
+        },
+    )
+    umask: str = field(
+        default="022",
+        metadata={
+            "env": "DOWNLOADER_UMASK",
+            "help": "octal umask of finished downloads (022: others may read, 027: the group only)",
+        },
+    )
     filename: str = field(
         default=DEFAULT_FILENAME,
         metadata={"env": "DOWNLOADER_FILENAME", "help": "directory inside download_path holding the files"},
@@ -234,6 +250,10 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
     )
+
+    def umask_bits(self) -> int:
+        """``umask`` as a number."""
+        return int(self.umask, 8)
 
     def state(self) -> str:
         """The state directory, resolving the default at call time (it follows the environment)."""
@@ -324,6 +344,12 @@ def _check(settings: Settings) -> None:
         raise ValueError("lease_seconds must be at least 1 and poll_interval above 0")
     if settings.retry_max_delay < settings.retry_base:
         raise ValueError("retry_max_delay must not be below retry_base")
+    check_layout(settings.layout)
+    try:
+        if not 0 <= settings.umask_bits() <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"umask must be an octal number from 000 to 777, not {settings.umask!r}") from None
     if settings.basic_auth and ":" not in settings.basic_auth:
         raise ValueError("basic_auth must be user:password")
     if not settings.event_types:

@@ -284,10 +284,15 @@ class JobStore:
         return {row.id for row in rows}
 
     def note_attempt(self, job_id: str, owner: str, **values: str | None) -> bool:
-        """Record where the running attempt writes (``attempt_path``) or its ``cart_url``."""
-        unknown = set(values) - {"attempt_path", "cart_url"}
+        """Record the running attempt's ``attempt_path``, ``cart_url`` or ``download_path``.
+
+        ``download_path`` is where the attempt is about to move its verified files.
+        """
+        unknown = set(values) - {"attempt_path", "cart_url", "download_path"}
         if unknown:
-            raise TypeError(f"note_attempt takes attempt_path and cart_url, not {sorted(unknown)}")
+            raise TypeError(
+                f"note_attempt takes attempt_path, cart_url, download_path, not {sorted(unknown)}"
+            )
         return self._update_held(job_id, owner, **values)
 
     def finish(
@@ -318,6 +323,7 @@ class JobStore:
             run_at=run_at,
             attempt_path=None,
             cart_url=None,
+            download_path=None,
             lease_owner=None,
             lease_expires=None,
             **_error_values(error),
@@ -332,6 +338,7 @@ class JobStore:
             finished_at=self.clock(),
             attempt_path=None,
             cart_url=None,
+            download_path=None,
             lease_owner=None,
             lease_expires=None,
             **_error_values(error),

@@ -5,18 +5,20 @@ in a process. The heartbeat renews the leases of the jobs being downloaded; a jo
 lease was lost (another worker took it over) or that must stop (shutdown past its grace) is
 cancelled at the next progress call of its download. The worker knows nothing of HTTP.
 
-Each attempt writes into a directory of its own, ``event-<event id>-<job>-<attempt>``
-under the download root, which is recorded in the job *before* it is made; the cart's URL
-is recorded as soon as Cartd accepts it. Whoever claims a job whose worker died removes
-that directory and deletes that cart first, and :meth:`Worker.recover` removes
-``event-*`` directories that no job names (an attempt killed between two steps).
+Each attempt writes into a hidden directory of its own, ``.attempt-<job>-<attempt>`` under
+the download root, which is recorded in the job *before* it is made; the cart's URL is
+recorded as soon as Cartd accepts it. When the files are verified, ``notification.json`` and
+``metadata.json`` join them, and the directory is renamed to its place from
+``DOWNLOADER_LAYOUT`` -- one rename, so a download directory is complete or absent. Whoever
+claims a job whose worker died removes what that attempt left (its directory, its cart, a
+place it had renamed to but not recorded as done) first, and :meth:`Worker.recover` removes
+``.attempt-*`` directories that no job names (an attempt killed between two steps).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -30,6 +32,7 @@ from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
 from .jobs import Job, JobError
+from .layout import apply_umask, render, write_beside
 from .metrics import ServiceMetrics
 from .retry import RetryPolicy
 from .settings import Settings
@@ -37,8 +40,7 @@ from .store import JobStore, StoreError, default_owner
 
 LOGGER = logging.getLogger(__name__)
 
-DIRECTORY_PREFIX = "event-"
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+ATTEMPT_PREFIX = ".attempt-"
 RETENTION_SWEEP_SECONDS = 60.0
 
 DownloaderFactory = Callable[[DownloadProgress], Downloader]
@@ -208,7 +210,7 @@ class Worker:
 
     def _run(self, active: _Active) -> None:
         job = active.job
-        self._clean_attempt(job.attempt_path, job.cart_url)
+        self._clean_attempt(job.attempt_path, job.cart_url, job.download_path)
         path = self.attempt_path(job)
         log = {"job_id": job.id, "event_id": job.event_id, "attempt": job.attempts}
         if not self.store.note_attempt(job.id, self.owner, attempt_path=path, cart_url=None):
@@ -227,6 +229,8 @@ class Worker:
                 raise LocalStorageError(f"cannot make {path}: {exc.strerror}", path=path) from exc
             downloader = self.make_downloader(_JobProgress(active, on_cart))
             result = downloader.download(list(job.files), self.settings.filename, path)
+            active.check()
+            final = self._publish(job, path)
         except JobCancelled as exc:
             shutil.rmtree(path, ignore_errors=True)
             if exc.release:
@@ -237,7 +241,23 @@ class Worker:
             shutil.rmtree(path, ignore_errors=True)
             self._failed(job, exc, log)
             return
-        self._done(job, path, result, time.monotonic() - started, log)
+        self._done(job, final, result, time.monotonic() - started, log)
+
+    def _publish(self, job: Job, path: str) -> str:
+        """Add the event and its metadata to the verified files and move them into place."""
+        try:
+            write_beside(path, job)
+            apply_umask(path, self.settings.umask_bits())
+            final = self.final_path(job)
+            # Recorded first: if this process dies after the rename, the next claimer removes it.
+            if not self.store.note_attempt(job.id, self.owner, download_path=final):
+                raise JobCancelled("the lease was lost to another worker", release=False)
+            parent = os.path.dirname(final)
+            os.makedirs(parent, mode=0o777 & ~self.settings.umask_bits(), exist_ok=True)
+            os.rename(path, final)
+        except OSError as exc:
+            raise LocalStorageError(f"cannot move the download into place: {exc}", path=path) from exc
+        return final
 
     def _done(self, job: Job, path: str, result: DownloadResult, seconds: float, log: dict[str, Any]) -> None:
         summary = {
@@ -274,23 +294,33 @@ class Worker:
 
     # ---------------------------------------------------------- housekeeping
     def attempt_path(self, job: Job) -> str:
-        """The directory attempt ``job.attempts`` writes into."""
-        safe = _UNSAFE_NAME_CHARS.sub("_", job.event_id)[:40]
-        return os.path.join(self.settings.root(), f"{DIRECTORY_PREFIX}{safe}-{job.id[:12]}-{job.attempts}")
+        """The hidden directory attempt ``job.attempts`` writes into."""
+        return os.path.join(self.settings.root(), f"{ATTEMPT_PREFIX}{job.id}-{job.attempts}")
 
-    def _clean_attempt(self, path: str | None, cart_url: str | None) -> None:
-        """Remove what a dead attempt left: its directory and its cart."""
-        if path is not None and _inside(path, self.settings.root()):
-            shutil.rmtree(path, ignore_errors=True)
+    def final_path(self, job: Job) -> str:
+        """Where the finished download goes: the layout, made unique with the job id if taken."""
+        wanted = os.path.join(self.settings.root(), render(self.settings.layout, job))
+        for candidate in (wanted, f"{wanted}-{job.id[:12]}", f"{wanted}-{job.id}"):
+            if not os.path.lexists(candidate):
+                return candidate
+        raise LocalStorageError(
+            f"{wanted} and its job-id variants already exist", path=wanted, retryable=False
+        )
+
+    def _clean_attempt(self, path: str | None, cart_url: str | None, published: str | None = None) -> None:
+        """Remove what a dead attempt left: its directory, its cart, a place it renamed to."""
+        for leftover in (path, published):
+            if leftover is not None and _inside(leftover, self.settings.root()):
+                shutil.rmtree(leftover, ignore_errors=True)
         if cart_url is not None:
             # Best effort (failures are logged): a leftover cart costs Cartd space, not data.
             self.make_downloader(DownloadProgress()).cart_api.delete_cart(cart_url)
 
     def recover(self) -> list[str]:
-        """Remove ``event-*`` directories under the root that no job names; returns them."""
+        """Remove ``.attempt-*`` directories under the root that no job names; returns them."""
         root = Path(self.settings.root())
         try:
-            candidates = [str(entry) for entry in root.iterdir() if entry.name.startswith(DIRECTORY_PREFIX)]
+            candidates = [str(entry) for entry in root.iterdir() if entry.name.startswith(ATTEMPT_PREFIX)]
         except OSError:
             return []
         known = set()
@@ -309,8 +339,7 @@ class Worker:
             return 0
         removed = 0
         for job in self.store.finished_before(self.clock() - self.settings.retention):
-            if job.download_path and _inside(job.download_path, self.settings.root()):
-                shutil.rmtree(job.download_path, ignore_errors=True)
+            remove_download(job, self.settings)
             self.store.mark_removed(job.id)
             removed += 1
         if removed:
@@ -349,11 +378,19 @@ class Worker:
 
 
 def remove_download(job: Job, settings: Settings) -> bool:
-    """Remove a job's download directory (only ever one directly inside the root)."""
+    """Remove a job's download directory, and parents the layout made that are left empty."""
     path = job.download_path or job.attempt_path
-    if path is None or not _inside(path, settings.root()):
+    root = os.path.realpath(settings.root())
+    if path is None or not _inside(path, root):
         return False
     shutil.rmtree(path, ignore_errors=True)
+    parent = os.path.dirname(os.path.realpath(path))
+    while parent != root and _inside(parent, root):
+        try:
+            os.rmdir(parent)
+        except OSError:
+            break
+        parent = os.path.dirname(parent)
     return True
 
 
@@ -370,6 +407,6 @@ def prepare_root(root: str) -> None:
 
 
 def _inside(path: str, root: str) -> bool:
-    """Whether ``path`` is strictly inside ``root`` (never remove anything else)."""
+    """Whether ``path`` is strictly below ``root`` (never remove anything else)."""
     real_root = os.path.realpath(root)
-    return os.path.dirname(os.path.realpath(path)) == real_root
+    return os.path.realpath(path).startswith(real_root + os.sep)

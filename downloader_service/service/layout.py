@@ -1,0 +1,112 @@
+"""Where a job's download lands and what lies beside its files, for the work that follows.
+
+Each download directory holds the files (under ``DOWNLOADER_FILENAME``), ``notification.json``
+(the event as received) and ``metadata.json`` (the transaction's id, submitter, proposal,
+instrument and key/value pairs, read from the event), as Pacifica Notifications' consumer
+convention expects. Its path under the download root comes from ``DOWNLOADER_LAYOUT``, a
+template over the event's fields whose values are made safe before they become names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from .jobs import Job
+
+DEFAULT_LAYOUT: Final = "event-{event_id}-{job}"
+FIELDS: Final = ("event_id", "source", "job", "transaction", "proposal", "instrument", "submitter", "date")
+NOTIFICATION_FILE: Final = "notification.json"
+METADATA_FILE: Final = "metadata.json"
+_UNSAFE: Final = re.compile(r"[^\w.+=@-]")  # \w is Unicode-aware: names a person can read
+_FIELD_LIMIT: Final = 64
+_TRANSACTION_FIELDS: Final = {
+    "Transactions._id": "transaction",
+    "Transactions.submitter": "submitter",
+    "Transactions.proposal": "proposal",
+    "Transactions.instrument": "instrument",
+}
+
+
+def check_layout(template: str) -> str:
+    """Return ``template`` if it names a relative path from known fields, else ``ValueError``."""
+    names = [name for _text, name, _spec, _conv in string.Formatter().parse(template) if name is not None]
+    unknown = sorted(set(names) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; the layout takes {', '.join(FIELDS)}")
+    rendered = template.format(**dict.fromkeys(FIELDS, "x"))
+    parts = rendered.split("/")
+    if rendered.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{template!r} must be a relative path without empty, '.' or '..' parts")
+    if parts[0].startswith(".attempt-"):
+        raise ValueError("names starting with .attempt- are the service's own")
+    return template
+
+
+def render(template: str, job: Job) -> str:
+    """The job's download directory relative to the root, every field value made safe."""
+    meta = transaction_metadata(job.event or {})
+    values = {
+        "event_id": job.event_id,
+        "source": job.source,
+        "job": job.id[:12],
+        "date": datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d"),
+        **{name: meta.get(name) for name in ("transaction", "proposal", "instrument", "submitter")},
+    }
+    return template.format(**{name: _safe(value) for name, value in values.items()})
+
+
+def _safe(value: Any) -> str:
+    """One path component from any value: no separators, no dot names, bounded length."""
+    text = "unknown" if value is None or value == "" else str(value)
+    text = _UNSAFE.sub("_", text)[:_FIELD_LIMIT].strip(".")
+    return text or "unknown"
+
+
+def transaction_metadata(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The transaction's id, submitter, proposal, instrument and key/value pairs in ``data``."""
+    data = event.get("data")
+    meta: dict[str, Any] = {name: None for name in _TRANSACTION_FIELDS.values()}
+    pairs: dict[str, Any] = {}
+    for obj in data if isinstance(data, list) else []:
+        if not isinstance(obj, Mapping):
+            continue
+        table = obj.get("destinationTable")
+        if table in _TRANSACTION_FIELDS:
+            meta[_TRANSACTION_FIELDS[table]] = obj.get("value")
+        elif table == "TransactionKeyValue" and isinstance(obj.get("key"), str):
+            pairs[obj["key"]] = obj.get("value")
+    meta["key_values"] = pairs
+    return meta
+
+
+def write_beside(directory: str, job: Job) -> None:
+    """Write ``notification.json`` and ``metadata.json`` into the attempt's directory."""
+    event = dict(job.event or {})
+    metadata = {
+        **transaction_metadata(event),
+        "event_id": job.event_id,
+        "source": job.source,
+        "type": job.type,
+        "files": [file.as_cartd() for file in job.files],
+    }
+    for name, document in ((NOTIFICATION_FILE, event), (METADATA_FILE, metadata)):
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+            json.dump(document, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+
+
+def apply_umask(directory: str, umask: int) -> None:
+    """Give the tree the modes ``umask`` allows (staging made it private while it was written)."""
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(directory, dir_mode)
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(parent, name), dir_mode, follow_symlinks=False)
+        for name in files:
+            os.chmod(os.path.join(parent, name), file_mode, follow_symlinks=False)
