@@ -176,6 +176,34 @@ def test_transaction_from_file(tmp_path: Path, fake_cartd: FakeCartd) -> None:
     assert (tmp_path / "out/data/x/foo.txt").read_bytes() == FOO
 
 
+def test_transaction_from_file_of_another_transaction_is_exit_3(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    doc = tmp_path / "t.json"
+    files = {"34": {"name": "foo.txt", "subdir": "x", "hashtype": "sha1", "hashsum": sha1(FOO)}}
+    doc.write_text(json.dumps({"_id": 68, "files": files}))
+    result = run("download", "transaction", "67", str(tmp_path / "out"), "--from-file", str(doc))
+    assert result.returncode == 3
+    assert "transaction 68, not 67" in result.stderr
+    assert fake_cartd.requests == []
+    assert "transactions/by_id/ID" in run("download", "transaction", "--help").stdout
+
+
+def test_json_summary_gives_an_absolute_destination(
+    tmp_path: Path, fake_cartd: FakeCartd, event_file: Path
+) -> None:
+    result = subprocess.run(
+        [str(SCRIPT), "download", "event", str(event_file), "out", "--json", "--cart-url", fake_cartd.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["destination"] == str(tmp_path / "out" / "data")
+
+
 def test_transaction_from_policy(tmp_path: Path, fake_cartd: FakeCartd) -> None:
     fake_cartd.add(35, BAR)
     seen: list[str] = []
@@ -281,7 +309,8 @@ def test_progress_bar_is_drawn_on_a_terminal(tmp_path: Path, fake_cartd: FakeCar
     screen = drawn.decode(errors="replace")
     assert "staging cart (2 files)" in screen
     assert "[2/2] bar.txt" in screen
-    assert "7.82k" in screen  # 8004 bytes in total, in KiB
+    assert "7.82k/7.82k" in screen  # 8004 bytes of 8004 (the event's sizes), in KiB
+    assert "100%" in screen
 
 
 def test_ctrl_c_stops_cleanly_and_leaves_nothing(

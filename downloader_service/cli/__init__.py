@@ -160,27 +160,60 @@ def _add_download(commands: Any) -> None:
         help="Pacifica Policy's URL (default: $POLICY_URL or %(default)s)",
     )
     transaction.add_argument(
-        "--from-file", type=Path, help="a saved transaction-info JSON document instead of Policy"
+        "--from-file",
+        type=Path,
+        metavar="FILE",
+        help="Policy's transaction document saved to a file (GET {policy}/status/transactions/by_id/ID), "
+        'instead of asking Policy: {"files": {"<file id>": {"name": "foo.txt", "subdir": "a/b", '
+        '"hashtype": "sha1", "hashsum": "...", "size": 123}, ...}}; if it names its transaction '
+        "(_id or transaction_id), that must be ID",
     )
     transaction.set_defaults(run=_download_transaction)
 
 
 def _download_event(args: argparse.Namespace) -> int:
-    def files() -> Any:
-        return CloudEvent.files(_read_json(args.event_file, "event"))
+    def files() -> tuple[Any, int | None]:
+        event = _read_json(args.event_file, "event")
+        data = event.get("data") if isinstance(event, dict) else None
+        listed = data if isinstance(data, list) else []
+        objects = [obj for obj in listed if isinstance(obj, dict) and obj.get("destinationTable") == "Files"]
+        return CloudEvent.files(event), _total_size(objects)
 
     return _download(args, files)
 
 
 def _download_transaction(args: argparse.Namespace) -> int:
-    def files() -> Any:
+    def files() -> tuple[Any, int | None]:
         if args.from_file is not None:
             doc = _read_json(str(args.from_file), "transaction info")
+            _check_transaction_id(doc, args.transaction_id, args.from_file)
         else:
             doc = fetch_transaction_info(args.policy_url, args.transaction_id)
-        return TransactionInfo.files(doc)
+        listed = doc.get("files") if isinstance(doc, dict) else None
+        sizes = list(listed.values()) if isinstance(listed, dict) else []
+        return TransactionInfo.files(doc), _total_size(sizes)
 
     return _download(args, files)
+
+
+def _check_transaction_id(doc: Any, wanted: str, path: Path) -> None:
+    """A saved document that names another transaction is the wrong file: refuse it."""
+    if not isinstance(doc, dict):
+        return
+    for key in ("_id", "transaction_id"):
+        named = doc.get(key)
+        if isinstance(named, (str, int)) and str(named) != str(wanted):
+            raise InvalidInputError(
+                f"{path} is the document of transaction {named}, not {wanted}", field=key, path=str(path)
+            )
+
+
+def _total_size(objects: list[Any]) -> int | None:
+    """The bytes to expect, when every file says its ``size`` (else the bar shows no total)."""
+    sizes = [obj.get("size") if isinstance(obj, dict) else None for obj in objects]
+    if not sizes or not all(isinstance(size, int) and size >= 0 for size in sizes):
+        return None
+    return sum(sizes)  # type: ignore[arg-type]
 
 
 def _read_json(source: str, what: str) -> Any:
@@ -202,10 +235,15 @@ def _read_json(source: str, what: str) -> Any:
 def _download(args: argparse.Namespace, files: Any) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, stream=sys.stderr)
     show = not args.quiet and sys.stderr.isatty()
-    progress = TerminalProgress(sys.stderr) if show else DownloadProgress()
+    try:
+        cart_files, total = files()
+    except DownloaderError as exc:
+        print(f"downloader-service: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    progress = TerminalProgress(sys.stderr, total) if show else DownloadProgress()
     downloader = Downloader(args.dest, args.cart_url, cart_timeout=args.timeout, progress=progress)
     try:
-        result = downloader.download(files(), args.filename)
+        result = downloader.download(cart_files, args.filename)
     except KeyboardInterrupt:
         _close(progress)
         print("downloader-service: interrupted; nothing half-written was left behind", file=sys.stderr)
@@ -227,7 +265,7 @@ def exit_code(exc: Exception) -> int:
 def _report(result: DownloadResult, args: argparse.Namespace) -> None:
     if args.json:
         summary = {
-            "destination": str(result.root),
+            "destination": str(result.root.resolve()),
             "files": result.file_count,
             "bytes": result.bytes,
             "seconds": round(result.seconds, 3),
@@ -235,7 +273,8 @@ def _report(result: DownloadResult, args: argparse.Namespace) -> None:
         }
         print(json.dumps(summary))
     elif not args.quiet:
-        print(f"{result.file_count} files, {result.bytes} bytes in {result.seconds:.2f} s -> {result.root}")
+        where = result.root.resolve()
+        print(f"{result.file_count} files, {result.bytes} bytes in {result.seconds:.2f} s -> {where}")
 
 
 def _close(progress: DownloadProgress) -> None:
@@ -244,9 +283,12 @@ def _close(progress: DownloadProgress) -> None:
 
 
 class TerminalProgress(DownloadProgress):
-    """A status line while Cartd stages the cart, then a tqdm byte bar naming the file."""
+    """A status line while Cartd stages the cart, then a tqdm byte bar naming the file.
 
-    def __init__(self, stream: TextIO) -> None:
+    With ``total`` (the sum of the files' ``size``) the bar shows how far along it is and an ETA.
+    """
+
+    def __init__(self, stream: TextIO, total: int | None = None) -> None:
         from tqdm import tqdm
 
         self._tqdm = tqdm
@@ -258,6 +300,7 @@ class TerminalProgress(DownloadProgress):
         # A terminal that reports no size (some ptys) would get no bar at all from tqdm.
         self.size = {"ncols": size.columns or 80, "nrows": size.lines or 24}
         self.files = 0
+        self.total = total
         self.total_files = 0
         self.status: Any = None
         self.bar: Any = None
@@ -284,7 +327,13 @@ class TerminalProgress(DownloadProgress):
             self.status = None
         if self.bar is None:
             self.bar = self._tqdm(
-                unit="B", unit_scale=True, unit_divisor=1024, file=self.stream, miniters=1, **self.size
+                total=self.total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                miniters=1,
+                **self.size,
             )
         self.files += 1
         self.bar.set_description_str(f"[{self.files}/{self.total_files}] {path}"[-60:])
