@@ -15,7 +15,13 @@ setup(
     packages=find_packages(include=["downloader_service", "downloader_service.*"]),
     package_data={
         "downloader_service": ["py.typed"],
-        "downloader_service.service": ["migrations/*.py", "migrations/*.mako", "migrations/versions/*.py"],
+        "downloader_service.service": [
+            "migrations/*.py",
+            "migrations/*.mako",
+            "migrations/versions/*.py",
+            "static/*.js",
+            "static/*.css",
+        ],
     },
     install_requires=[
         "requests>=2.31,<3",
@@ -39,6 +45,8 @@ setup(
             "Werkzeug==3.1.9",
             "PyYAML==6.0.3",
             "types-PyYAML",
+            # The jobs page is tested in a real headless Chromium (Debian's, scripts/install-browser.sh).
+            "selenium==4.51.0",
         ],
     },
     entry_points={"console_scripts": ["downloader-service = downloader_service.cli:run"]},

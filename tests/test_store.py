@@ -281,3 +281,36 @@ def test_upgrades_from_many_processes_at_once_make_one_schema(store_url: str) ->
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_a_jobs_end_and_its_completion_event_commit_together(store: JobStore, clock: Clock) -> None:
+    from downloader_service.service.store import Notice
+
+    store.add([new("a"), new("b")])
+    a = store.claim("w", 60)
+    b = store.claim("w", 60)
+    assert a is not None and b is not None
+    notice = Notice("n1", "org.pacifica.downloader.download.completed", "http://sink/", {"id": "n1"})
+    assert not store.finish(a.id, "thief", "/x", "h", {}, notice)  # not held: no job end, no event
+    assert store.deliveries() == []
+    assert store.finish(a.id, "w", "/x", "h", {}, notice)
+    lost = Notice("n2", "org.pacifica.downloader.download.failed", "http://sink/", {"id": "n2"})
+    assert store.fail(b.id, "w", JobError("unsafe_archive", "a link", False, {}), lost)
+    assert [(d.id, d.job_id, d.state) for d in store.deliveries()] == [
+        ("n1", a.id, "pending"),
+        ("n2", b.id, "pending"),
+    ]
+    first = store.claim_delivery("d", 30)
+    second = store.claim_delivery("d2", 30)
+    assert first is not None and second is not None and {first.id, second.id} == {"n1", "n2"}
+    assert store.claim_delivery("d3", 30) is None
+    assert store.delivered(first.id, "d", 503, "down", clock.now + 10)
+    assert store.delivered(second.id, "d2", 202, None, None)
+    clock.now += 11
+    again = store.claim_delivery("d", 30)
+    assert again is not None and again.id == first.id and again.attempts == 2
+    assert store.delivered(again.id, "d", 400, "refused", None)
+    states = {d.id: (d.state, d.last_status) for d in store.deliveries()}
+    assert states == {first.id: ("failed", 400), second.id: ("sent", 202)}
+    store.delete(a.id)
+    assert [d.job_id for d in store.deliveries()] == [b.id]

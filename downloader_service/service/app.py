@@ -34,6 +34,7 @@ from ..errors import (
     ServiceBusyError,
 )
 from ..progress import DownloadProgress
+from . import page
 from .health import readiness
 from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, Job, JobError, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -302,7 +303,11 @@ class Jobs:
         self.service.check_auth(params)
         if not job_id:
             return self._list(params)
-        return self.service.answer(self._job(job_id))[1]
+        body = self.service.answer(self._job(job_id))[1]
+        events = self.service.store.deliveries(job_id)
+        if events:
+            body["completion_events"] = [event.summary() for event in events]
+        return body
 
     @json_handler
     def POST(self, job_id: str = "", action: str = "", **params: Any) -> dict[str, Any]:
@@ -413,8 +418,23 @@ class Root:
         self.health = Health(service)
         self.metrics = Metrics(service)
 
+    def GET(self, *args: Any, **params: Any) -> bytes:
+        """About the service, in JSON; a browser (``Accept`` prefers HTML) gets the jobs page."""
+        if args or not page.wants_html(cherrypy.request.headers.get("Accept", "")):
+            return self._about(*args)
+        try:
+            self.service.check_auth(params)
+        except HTTPError as exc:
+            # A 401 with its challenge: the browser asks for basic auth credentials.
+            cherrypy.response.status = exc.status
+            cherrypy.response.headers.update(exc.headers)
+            cherrypy.response.headers["Content-Type"] = JSON_TYPE
+            self.service.metrics.errors.labels(kind=exc.kind).inc()
+            return json.dumps({"error": exc.kind, "detail": exc.detail}).encode()
+        return page.respond(self.service.store, params)
+
     @json_handler
-    def GET(self) -> dict[str, Any]:
+    def _about(self) -> dict[str, Any]:
         return {
             "service": "pacifica-downloader-service",
             "version": __version__,

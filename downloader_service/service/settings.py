@@ -194,6 +194,14 @@ class Settings:
             "help": "webhook origins allowed (comma-separated, * = all)",
         },
     )
+    event_sink: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_EVENT_SINK",
+            "help": "where a CloudEvent goes when a job ends (empty: $K_SINK, the Knative "
+            "convention; else none)",
+        },
+    )
     public_url: str = field(
         default="",
         metadata={
@@ -317,6 +325,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any
                 values[spec.name] = _PARSERS[str(spec.type)](environ[name])
             except ValueError as exc:
                 raise ValueError(f"{name}={environ[name]!r}: {exc}") from exc
+    if "event_sink" not in values and environ.get("K_SINK"):
+        values["event_sink"] = environ["K_SINK"]  # Knative's SinkBinding sets K_SINK
     values.update({key: value for key, value in overrides.items() if value is not None})
     settings = Settings(**values)
     _check(settings)

@@ -104,6 +104,67 @@ jobs = Table(
 )
 
 
+outbox = Table(
+    "outbox",
+    METADATA,
+    Column("id", String(32), primary_key=True),
+    Column("job_id", String(32), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("sink", Text, nullable=False),
+    # The CloudEvent as a JSON object (attributes and data), sent as it is.
+    Column("event", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("run_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("lease_owner", String(200)),
+    Column("lease_expires", Float),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Index("ix_outbox_state_run_at", "state", "run_at"),
+)
+PENDING, SENT = "pending", "sent"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A completion event for the outbox: written in the same transaction as the job's end."""
+
+    id: str
+    type: str
+    sink: str
+    event: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An outbox row: one event on its way to the sink."""
+
+    id: str
+    job_id: str
+    type: str
+    sink: str
+    event: Mapping[str, Any]
+    state: str
+    attempts: int
+    created_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, for a job's record."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "sink": self.sink,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+        }
+
+
 class StoreError(DownloaderError):
     """The job store could not be read or written (database down, disk full, locked)."""
 
@@ -293,16 +354,23 @@ class JobStore:
             raise TypeError(
                 f"note_attempt takes attempt_path, cart_url, download_path, not {sorted(unknown)}"
             )
-        return self._update_held(job_id, owner, **values)
+        return self._update_held(job_id, owner, None, **values)
 
     def finish(
-        self, job_id: str, owner: str, download_path: str, host: str, result: Mapping[str, Any]
+        self,
+        job_id: str,
+        owner: str,
+        download_path: str,
+        host: str,
+        result: Mapping[str, Any],
+        notice: Notice | None = None,
     ) -> bool:
-        """The attempt succeeded: the job is ``done``."""
+        """The attempt succeeded: the job is ``done`` (and its ``notice`` is in the outbox)."""
         now = self.clock()
         return self._update_held(
             job_id,
             owner,
+            notice=notice,
             state=DONE,
             download_path=download_path,
             host=host,
@@ -329,11 +397,12 @@ class JobStore:
             **_error_values(error),
         )
 
-    def fail(self, job_id: str, owner: str, error: JobError) -> bool:
+    def fail(self, job_id: str, owner: str, error: JobError, notice: Notice | None = None) -> bool:
         """The attempt failed for good: the job is a dead letter (``failed``)."""
         return self._update_held(
             job_id,
             owner,
+            notice=notice,
             state=FAILED,
             finished_at=self.clock(),
             attempt_path=None,
@@ -413,8 +482,9 @@ class JobStore:
             return _job(_select_one(conn, jobs.c.id == job_id))
 
     def delete(self, job_id: str) -> Job | None:
-        """Remove the job's record (the caller removes its files); the job as it was."""
+        """Remove the job's record and its completion events (the caller removes its files)."""
         with self._write() as conn:
+            conn.execute(delete(outbox).where(outbox.c.job_id == job_id))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*jobs.c)).first()
         return None if row is None else _job(row)
 
@@ -477,16 +547,107 @@ class JobStore:
             conn.execute(select(1))
 
     # ---------------------------------------------------------------- plumbing
-    def _update_held(self, job_id: str, owner: str, **values: Any) -> bool:
-        """Update a running job only while ``owner`` still holds its lease."""
-        values.setdefault("updated_at", self.clock())
+    def _update_held(self, job_id: str, owner: str, notice: Notice | None = None, **values: Any) -> bool:
+        """Update a running job only while ``owner`` still holds its lease.
+
+        A ``notice`` goes into the outbox in the same transaction (the transactional outbox):
+        the job's end and its completion event are committed together or not at all.
+        """
+        now = self.clock()
+        values.setdefault("updated_at", now)
         with self._write() as conn:
             result = conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
                 .values(**values)
             )
+            if result.rowcount and notice is not None:
+                conn.execute(
+                    outbox.insert().values(
+                        id=notice.id,
+                        job_id=job_id,
+                        type=notice.type,
+                        sink=notice.sink,
+                        event=dumps(dict(notice.event)),
+                        state=PENDING,
+                        attempts=0,
+                        run_at=now,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
         return bool(result.rowcount)
+
+    # ----------------------------------------------------------------- outbox
+    def claim_delivery(self, owner: str, lease: float) -> Delivery | None:
+        """Take the next due completion event to deliver (or one whose deliverer died)."""
+        now = self.clock()
+        due = or_(
+            and_(outbox.c.state == PENDING, outbox.c.run_at <= now, outbox.c.lease_owner.is_(None)),
+            and_(outbox.c.state == PENDING, outbox.c.lease_expires < now),
+        )
+        candidate = (
+            select(outbox.c.id)
+            .where(due)
+            .order_by(outbox.c.run_at)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        with self._write() as conn:
+            row = conn.execute(
+                update(outbox)
+                .where(outbox.c.id == candidate)
+                .values(
+                    lease_owner=owner,
+                    lease_expires=now + lease,
+                    attempts=outbox.c.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(*outbox.c)
+            ).first()
+        return None if row is None else _delivery(row)
+
+    def delivered(
+        self, delivery_id: str, owner: str, status: int | None, error: str | None, retry_at: float | None
+    ) -> bool:
+        """Record a delivery attempt and what comes of it.
+
+        ``sent`` when ``error`` is None; else ``failed`` for good when ``retry_at`` is None,
+        or pending again until ``retry_at``.
+        """
+        values: dict[str, Any]
+        if error is None:
+            state, values = SENT, {}
+        elif retry_at is None:
+            state, values = FAILED, {}
+        else:
+            state, values = PENDING, {"run_at": retry_at}
+        with self._write() as conn:
+            result = conn.execute(
+                update(outbox)
+                .where(outbox.c.id == delivery_id, outbox.c.lease_owner == owner)
+                .values(
+                    state=state,
+                    last_status=status,
+                    last_error=error,
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=self.clock(),
+                    **values,
+                )
+            )
+        return bool(result.rowcount)
+
+    def deliveries(self, job_id: str | None = None, state: str | None = None) -> list[Delivery]:
+        """Completion events, oldest first, of one job or of every job."""
+        query = select(outbox).order_by(outbox.c.created_at)
+        if job_id is not None:
+            query = query.where(outbox.c.job_id == job_id)
+        if state is not None:
+            query = query.where(outbox.c.state == state)
+        with self._read() as conn:
+            return [_delivery(row) for row in conn.execute(query)]
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -636,6 +797,21 @@ def _job(row: Any) -> Job:
         error=error,
         finished_at=row.finished_at,
         removed_at=row.removed_at,
+    )
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        job_id=row.job_id,
+        type=row.type,
+        sink=row.sink,
+        event=json.loads(row.event),
+        state=row.state,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        last_status=row.last_status,
+        last_error=row.last_error,
     )
 
 

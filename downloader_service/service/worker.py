@@ -31,6 +31,7 @@ from typing import Any
 from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
+from .events import Deliverer, completion_notice
 from .jobs import Job, JobError
 from .layout import apply_umask, render, write_beside
 from .metrics import ServiceMetrics
@@ -122,6 +123,9 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._last_renewal = time.monotonic()
         self._last_sweep = 0.0
+        self.deliverer = (
+            Deliverer(store, settings, self.owner, self.retry, clock=clock) if settings.event_sink else None
+        )
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> Worker:
@@ -135,6 +139,8 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
         self._threads.append(heartbeat)
+        if self.deliverer is not None:
+            self.deliverer.start()
         return self
 
     def wake(self) -> None:
@@ -149,6 +155,8 @@ class Worker:
         """
         self._stopping.set()
         self._wakeup.set()
+        if self.deliverer is not None:
+            self.deliverer.stop()
         deadline = time.monotonic() + grace
         for thread in self._threads:
             if thread.name.startswith("download-"):
@@ -267,7 +275,8 @@ class Worker:
             "staging_seconds": round(result.staging_seconds, 4),
             "cart_url": result.cart_url,
         }
-        if not self.store.finish(job.id, self.owner, path, self.host, summary):
+        notice = completion_notice(self.settings, job, summary, path, self.host)
+        if not self.store.finish(job.id, self.owner, path, self.host, summary, notice):
             # Another worker took the job over while this one was slow: its attempt counts.
             shutil.rmtree(path, ignore_errors=True)
             LOGGER.warning("finished a job whose lease was lost; its download was removed", extra=log)
@@ -284,7 +293,7 @@ class Worker:
         if error.kind == "internal_error":
             LOGGER.error("download crashed", exc_info=exc, extra=extra)
         if delay is None:
-            self.store.fail(job.id, self.owner, error)
+            self.store.fail(job.id, self.owner, error, completion_notice(self.settings, job, error=error))
             LOGGER.warning("download failed for good", extra=extra)
             self.metrics.job_failed(error.kind)
         else:

@@ -1,0 +1,168 @@
+"""Completion events: a CloudEvent when a job ends, delivered durably to a sink.
+
+When a job ends (``done``, or ``failed`` for good) and a sink is configured
+(``DOWNLOADER_EVENT_SINK``, else Knative's ``K_SINK``), the worker writes the event into the
+store's outbox *in the same transaction* as the job's end, so neither can exist without the
+other. A :class:`Deliverer` thread in every worker process claims due outbox rows (leased,
+like jobs), POSTs them as structured CloudEvents built by the ``cloudevents`` SDK, and
+records the answer: ``2xx`` is sent; a ``4xx`` (but 408 and 429) is recorded as failed and not
+retried, since sending the same event again cannot help; anything else (5xx, no connection)
+is retried with the job retry policy's backoff, for its window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import requests
+from cloudevents.core.bindings.http import to_structured_event
+from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
+
+from .jobs import DONE, Job, JobError
+from .retry import RetryPolicy
+from .settings import Settings
+from .store import Delivery, JobStore, Notice, StoreError
+
+LOGGER = logging.getLogger(__name__)
+
+COMPLETED: Final = "org.pacifica.downloader.download.completed"
+FAILED: Final = "org.pacifica.downloader.download.failed"
+DEFAULT_SOURCE: Final = "/pacifica/downloader"
+SEND_TIMEOUT: Final = (5.0, 30.0)
+_RETRYABLE_4XX: Final = frozenset({408, 425, 429})
+
+
+def completion_notice(
+    settings: Settings,
+    job: Job,
+    result: dict[str, Any] | None = None,
+    download_path: str | None = None,
+    host: str | None = None,
+    error: JobError | None = None,
+) -> Notice | None:
+    """The event for a job that ends now, or ``None`` when no sink is configured."""
+    if not settings.event_sink:
+        return None
+    base = settings.public_url.rstrip("/")
+    data: dict[str, Any] = {
+        "job_id": job.id,
+        "event_id": job.event_id,
+        "event_source": job.source,
+        "state": "failed" if error is not None else DONE,
+        "attempts": job.attempts,
+    }
+    if error is None:
+        data.update(download_path=download_path, host=host, **(result or {}))
+    else:
+        data["error"] = {"error": error.kind, "detail": error.detail, "retryable": error.retryable}
+    if base:
+        data["status_url"] = f"{base}/jobs/{job.id}"
+    notice_id = uuid.uuid4().hex
+    event = {
+        "specversion": "1.0",
+        "id": notice_id,
+        "source": base or DEFAULT_SOURCE,
+        "type": FAILED if error is not None else COMPLETED,
+        # The event this one follows from: its id as the subject, its source as an extension.
+        "subject": job.event_id,
+        "eventsource": job.source,
+        "jobid": job.id,
+        "time": datetime.now(UTC).isoformat(),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    return Notice(notice_id, str(event["type"]), settings.event_sink, event)
+
+
+def structured(event: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """The headers and body of a structured-mode HTTP request, from the SDK."""
+    attributes = {name: value for name, value in event.items() if name != "data"}
+    if isinstance(attributes.get("time"), str):
+        attributes["time"] = datetime.fromisoformat(attributes["time"])
+    message = to_structured_event(SDKCloudEvent(attributes, event.get("data")))
+    return dict(message.headers), message.body
+
+
+class Deliverer:
+    """One thread that delivers the outbox's due events to their sinks."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        owner: str,
+        retry: RetryPolicy,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.owner = owner
+        self.retry = retry
+        self.session = session or requests.Session()
+        self.clock = clock
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Deliver in the background until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._loop, name="deliverer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the delivery in hand (an unfinished one is retried when its lease ends)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                delivered = self.deliver_once()
+            except StoreError as exc:
+                LOGGER.warning("the outbox could not be read", extra={"detail": str(exc)})
+                delivered = None
+            if delivered is None:
+                self._stopping.wait(self.settings.poll_interval)
+
+    def deliver_once(self) -> Delivery | None:
+        """Claim one due event and send it; returns it as claimed, or None if none was due."""
+        delivery = self.store.claim_delivery(self.owner, SEND_TIMEOUT[0] + SEND_TIMEOUT[1] + 5)
+        if delivery is None:
+            return None
+        status, error, retryable = self._send(delivery)
+        retry_at = None
+        if error is not None and retryable:
+            pause = self.retry.delay(
+                delivery.attempts, RuntimeError(error), self.clock() - delivery.created_at
+            )
+            retry_at = None if pause is None else self.clock() + pause
+        self.store.delivered(delivery.id, self.owner, status, error, retry_at)
+        log = {"delivery": delivery.id, "job_id": delivery.job_id, "type": delivery.type, "status": status}
+        if error is None:
+            LOGGER.info("completion event delivered", extra=log)
+        elif retry_at is not None:
+            LOGGER.warning("completion event not delivered; retrying", extra={**log, "detail": error})
+        else:
+            LOGGER.warning("completion event not delivered, for good", extra={**log, "detail": error})
+        return delivery
+
+    def _send(self, delivery: Delivery) -> tuple[int | None, str | None, bool]:
+        """POST the event: ``(status, error or None, whether a retry can help)``."""
+        headers, body = structured(dict(delivery.event))
+        try:
+            with self.session.post(delivery.sink, data=body, headers=headers, timeout=SEND_TIMEOUT) as resp:
+                status = resp.status_code
+                text = resp.text[:300] if status >= 300 else ""
+        except requests.RequestException as exc:
+            return None, f"cannot reach the sink: {type(exc).__name__}", True
+        if status < 300:
+            return status, None, False
+        retryable = status >= 500 or status in _RETRYABLE_4XX
+        return status, f"the sink answered {status}: {text}".strip(), retryable
