@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -127,7 +128,7 @@ class CartAPI:
         deadline = started + timeout
         while True:
             code, status, message = self.cart_status(cart_url)
-            message = _shorten(message)
+            message = clean_cartd_message(message)
             if on_status is not None:
                 on_status(status, message)
             if code == 204 and status == "ready":
@@ -187,12 +188,14 @@ class CartAPI:
             merged["headers"] = {**self.request_kwargs["headers"], **kwargs["headers"]}
         try:
             return self.session.request(method, url, timeout=self.timeout, **merged)
-        except requests.Timeout as exc:
-            raise CartUnavailableError(
-                f"Cartd did not answer {method} {url} in time: {exc}", url=url
-            ) from exc
         except requests.RequestException as exc:
-            raise CartUnavailableError(f"cannot reach Cartd for {method} {url}: {exc}", url=url) from exc
+            # The sentence says what happened; urllib3's own words go to the debug log.
+            LOGGER.debug("Cartd request failed", extra={"url": url, "method": method, "raw": str(exc)[:4000]})
+            if isinstance(exc, requests.Timeout):
+                raise CartUnavailableError(f"Cartd did not answer {method} {url} in time", url=url) from exc
+            raise CartUnavailableError(
+                f"cannot reach Cartd for {method} {url}: {connection_problem(exc)}", url=url
+            ) from exc
 
 
 class CartStream:
@@ -208,8 +211,10 @@ class CartStream:
         try:
             data: bytes = self._raw.read(size)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            LOGGER.debug("cart stream failed", extra={"url": self.url, "raw": str(exc)[:4000]})
+            problem = connection_problem(exc)
             raise DownloadInterruptedError(
-                f"the download of {self.url} broke off after {self.bytes_read} bytes: {exc}",
+                f"the download of {self.url} broke off after {self.bytes_read} bytes: {problem}",
                 url=self.url,
                 bytes_read=self.bytes_read,
             ) from exc
@@ -229,8 +234,52 @@ def _request_kwargs(auth: Any) -> dict[str, Any]:
     return {"auth": auth}
 
 
+def connection_problem(exc: BaseException) -> str:
+    """What went wrong with a connection, in a few words, from an exception and its causes."""
+    text = repr(exc)
+    for needles, words in _PROBLEMS:
+        if any(needle in text for needle in needles):
+            return words
+    return f"{type(exc).__name__}"
+
+
+_PROBLEMS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("Connection refused", "Errno 111"), "connection refused"),
+    (
+        ("Name or service not known", "Temporary failure in name resolution", "Errno -2", "Errno -3"),
+        "host name not resolved",
+    ),
+    (("timed out", "Timeout"), "no answer in time"),
+    (("Connection reset", "Errno 104"), "connection reset"),
+    (
+        ("IncompleteRead", "Connection broken", "RemoteDisconnected", "closed connection"),
+        "the connection closed early",
+    ),
+    (("No route to host", "Network is unreachable"), "network unreachable"),
+)
+
+
+def clean_cartd_message(message: str) -> str:
+    """Cartd's message as one sentence: a traceback it carries becomes its exception line.
+
+    Cartd passes on what the archive interface answered, Python traceback included; the whole
+    message goes to the debug log, the error keeps its head and the exception at its end.
+    """
+    if "Traceback" not in message:
+        return _shorten(message)
+    LOGGER.debug("Cartd message", extra={"raw": message[:20000]})
+    head = re.split(r"\(|\{|Traceback", message, maxsplit=1)[0].strip(" :")
+    unescaped = message.replace("\\\\n", "\n").replace("\\n", "\n").replace('\\"', '"')
+    tail = unescaped.split("Traceback (most recent call last):")[-1]
+    lines = [line.strip().strip('"\\') for line in tail.splitlines() if line.strip()]
+    exceptions = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", line)]
+    cause = exceptions[-1] if exceptions else ""
+    cause = re.sub(r"\"[,}].*$", "", cause)[:300]
+    return f"{head}: {cause}" if head and cause else (head or cause or _shorten(message))
+
+
 def _raise_for_status(resp: requests.Response, url: str, doing: str) -> None:
-    message = _shorten(resp.headers.get("X-Pacifica-Message") or _body_message(resp))
+    message = clean_cartd_message(resp.headers.get("X-Pacifica-Message") or _body_message(resp))
     text = f"Cartd answered {resp.status_code} {resp.reason} {doing} at {url}: {message}"
     error: type[CartError] = CartFailedError
     if resp.status_code >= 500:

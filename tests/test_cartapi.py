@@ -196,3 +196,26 @@ def test_long_cartd_message_is_shortened(fake_cartd: FakeCartd) -> None:
         api.wait_for_cart(cart_url)
     assert len(info.value.cartd_message) == 1000
     assert info.value.cartd_message.endswith("…")
+
+
+def test_cartd_message_with_a_traceback_becomes_one_sentence() -> None:
+    from downloader_service.cartapi import clean_cartd_message
+
+    raw = (
+        'Failed to pull file(Failed to stage with error: "{\\"status\\": \\"500 Internal Server Error\\", '
+        '\\"traceback\\": \\"Traceback (most recent call last):\\\\n  File \\\\\\"/x/archive.py\\\\\\", '
+        "line 54, in open\\\\n    self._file = factory(path)\\\\nFileNotFoundError: [Errno 2] No such file: "
+        "'/srv/999'\\\\n\\\"}\")"
+    )
+    assert (
+        clean_cartd_message(raw)
+        == "Failed to pull file: FileNotFoundError: [Errno 2] No such file: '/srv/999'"
+    )
+    assert clean_cartd_message("staging failed") == "staging failed"
+
+
+def test_unreachable_cartd_is_said_in_a_few_words_not_urllib3s() -> None:
+    with pytest.raises(CartUnavailableError) as info:
+        CartAPI(f"http://127.0.0.1:{closed_port()}").setup_cart(lambda: iter(one_file()))
+    assert str(info.value).endswith(": connection refused")
+    assert "HTTPConnectionPool" not in str(info.value)
