@@ -5,7 +5,7 @@ Run from the repository root (see benchmarks/README.md)::
     .venv/bin/python benchmarks/run.py [--quick] [--runs N] [--out FILE]
 
 Everything runs on 127.0.0.1: the real Archive Interface + Cartd + Celery worker
-(``tests/pacifica_stack.py``, from ``.venv-pacifica``), every download in a fresh child process
+(``devstack/pacifica.py``, from ``.venv-pacifica``), every download in a fresh child process
 whose peak RSS is read with ``os.wait4``, and then our webhook service. Temporary files,
 carts, archive copies and processes are removed as soon as they are no longer needed, and in
 any case before the script exits.
@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from devstack.pacifica import PacificaStack, free_port  # noqa: E402
 from tests import events  # noqa: E402
-from tests.pacifica_stack import PacificaStack, free_port  # noqa: E402
 
 MB = 1 << 20
 HOST = "127.0.0.1"
@@ -639,7 +639,7 @@ def machine_facts() -> list[str]:
         f"- CPU: {command('nproc')} cores ({cpu}), {command('uname', '-m')}; load average at the end: {load}",
         f"- memory (`free -g`, GiB): total {mem.split()[1] if len(mem.split()) > 1 else '?'}",
         f"- Python {platform.python_version()} ({platform.platform()})",
-        "- Cartd 0.7.0 + Archive Interface 0.4.2 (tests/pacifica_stack.py, SQLite, one Celery worker,"
+        "- Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, SQLite, one Celery worker,"
         " filesystem broker polled every 50 ms), all on 127.0.0.1",
     ]
 

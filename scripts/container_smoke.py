@@ -3,7 +3,7 @@
 Run by ``scripts/test-container`` (with ``.venv/bin/python``) once the image is built:
 
 1. starts the real Archive Interface + Cartd + Celery worker on 127.0.0.1
-   (``tests/pacifica_stack.py``) and stores one small file in the archive;
+   (``devstack/pacifica.py``) and stores one small file in the archive;
 2. runs the image with podman on the host network, bound to 127.0.0.1 only, with a host
    directory as the ``/data`` volume;
 3. checks the container user is not root, ``/health/live`` answers, the image's own
@@ -37,8 +37,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devstack.pacifica import PacificaStack, free_port  # noqa: E402
 from tests.events import file_obj, make_event  # noqa: E402
-from tests.pacifica_stack import PacificaStack, free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 IMAGE_PORT = 8080  # the port the image's HEALTHCHECK asks

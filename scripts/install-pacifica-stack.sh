@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the real Pacifica Cartd + Archive Interface + Notifications into a separate
-# virtualenv, for the integration tests (tests/pacifica_stack.py and
+# virtualenv, for the integration tests (devstack/pacifica.py and
 # tests/notifications_stack.py start them on 127.0.0.1).
 #
 #   scripts/install-pacifica-stack.sh            # venv at $PACIFICA_VENV or <repo>/.venv-pacifica

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.pacifica import PacificaStack
 from tests.fakecartd import FakeCartd
 from tests.notifications_stack import NotificationsStack
-from tests.pacifica_stack import PacificaStack
 from tests.postgres_server import PostgresServer
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -136,3 +136,57 @@ def notifications_stack(
     stack.start(timeout=60)
     yield stack
     stack.stop()
+
+
+def logged(log: Path, message: str) -> bool:
+    """Whether the JSON log ``log`` holds a line whose ``message`` is ``message``."""
+    try:
+        lines = log.read_bytes().splitlines()
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("message") == message:
+            return True
+    return False
+
+
+@contextmanager
+def working(env: dict[str, str], log: Path, timeout: float = 20) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``downloader-service worker`` with ``env``; kill it (by PID) after.
+
+    A worker has no HTTP port: it is ready when its JSON log says "working". That line is
+    INFO, so ``DOWNLOADER_LOG_LEVEL`` is INFO unless ``env`` says otherwise (WARNING or ERROR
+    would hide it, and are refused). Like :func:`served`, the state directory is the log's
+    neighbour ``state`` unless ``env`` names one.
+    """
+    level = env.get("DOWNLOADER_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO"):
+        raise ValueError(f"DOWNLOADER_LOG_LEVEL={level} hides the worker's 'working' line")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "worker"],
+            env={
+                **os.environ,
+                "DOWNLOADER_STATE_DIR": str(log.parent / "state"),
+                "DOWNLOADER_LOG_LEVEL": "INFO",
+                **env,
+            },
+            stdin=subprocess.DEVNULL,
+            stderr=out,
+            stdout=out,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not logged(log, "working"):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

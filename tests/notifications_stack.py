@@ -5,7 +5,7 @@ PostgreSQL database (``tests/postgres_server.py``; on SQLite its ``dbsync`` fail
 here: ``pacifica-notifications-cmd dbsync``, the REST server, one Celery worker, and a Policy
 stand-in (a thread in this process answering ``POST /events/<user>`` with 200, or with
 ``stack.policy.status``). The broker is kombu's ``filesystem://`` transport
-with the same write-then-rename publishing fix as ``tests/pacifica_stack.py``; the result
+with the same write-then-rename publishing fix as ``devstack/pacifica.py``; the result
 backend is ``file://`` (``eventretry`` waits for task results).
 
 Usage::
@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.pacifica_stack import (
+from devstack.pacifica import (
     _ATOMIC_BROKER_PUT,
     HOST,
     POLL_INTERVAL,

@@ -42,7 +42,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tests.pacifica_stack import HOST, _live_group_members, _tail, free_port
+from devstack.pacifica import HOST, _live_group_members, _tail, free_port
 
 DEFAULT_USER = "downloader-pg"
 SUPERUSER = "postgres"

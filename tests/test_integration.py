@@ -17,11 +17,11 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client
 
+from devstack.pacifica import PacificaStack
 from downloader_service import CartAPI, CartFailedError, Downloader, InvalidEventError
 from downloader_service.service.app import create_app
 from downloader_service.service.settings import settings_from_env
 from tests.events import file_obj, make_event
-from tests.pacifica_stack import PacificaStack
 
 pytestmark = pytest.mark.integration
 

@@ -32,6 +32,8 @@ def configure_json_logging(level: str = "INFO", stream: TextIO | None = None) ->
     """Send every log record (CherryPy's included) to ``stream`` as JSON lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # On the handler, not only the root: CherryPy's loggers set INFO on themselves.
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -300,7 +300,7 @@ class PacificaStack:
             "polling_interval": POLL_INTERVAL,
         }
         (cfg / f"{CELERY_CONFIG_MODULE}.py").write_text(
-            '"""Celery settings for the Pacifica test stack (written by tests/pacifica_stack.py)."""\n'
+            '"""Celery settings for the Pacifica test stack (written by devstack/pacifica.py)."""\n'
             f"broker_transport_options = {options!r}\n"
             "broker_connection_retry_on_startup = True\n"
             "worker_hijack_root_logger = True\n" + _ATOMIC_BROKER_PUT,
@@ -503,6 +503,36 @@ class PacificaStack:
         self._started = False
         if errors:
             print("PacificaStack.stop: " + "; ".join(errors), file=sys.stderr)
+
+    def stop_cartd(self, timeout: float = 10) -> None:
+        """Stop only the Cartd REST server (the archive and the Celery worker keep running).
+
+        Its port stays reserved for :meth:`start_cartd`, which brings it back on the same URL.
+        """
+        proc = self._procs.get("cartd")
+        if proc is None or not self._started:
+            raise RuntimeError("PacificaStack is not running: no Cartd to stop")
+        proc.terminate()
+        proc.finish(time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        while self._answers(self.cartd_port):
+            if time.monotonic() > deadline:
+                raise self._failure(f"Cartd still answers on port {self.cartd_port} after it was stopped")
+            time.sleep(POLL_INTERVAL)
+
+    def start_cartd(self, timeout: float = 30) -> None:
+        """Start the Cartd REST server again on its port (a no-op while it runs)."""
+        old = self._procs.get("cartd")
+        if old is None or not self._started:
+            raise RuntimeError("PacificaStack is not running: start() it first")
+        if not old.finished and old.alive():
+            return
+        # Keep the log of the stopped run beside the new one.
+        with contextlib.suppress(OSError):
+            old.log.replace(old.log.with_name(f"cartd-{time.time_ns()}.log"))
+        deadline = time.monotonic() + timeout
+        self._spawn("cartd", old.argv, self._env())
+        self._wait_for("cartd", lambda: self._answers(self.cartd_port), deadline)
 
     def __enter__(self) -> PacificaStack:
         if not self._started:
