@@ -677,3 +677,31 @@ def test_status_url_uses_the_public_url_not_the_senders_host_header(
     resp = post(client, make_event(files, event_id="h2"), forged)
     assert body(resp)["status_url"] == f"https://downloader.example.org/base/jobs/{body(resp)['job_id']}"
     assert resp.headers["Location"] == body(resp)["status_url"]
+
+
+def test_a_batch_is_stored_whole_or_not_at_all(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    def batch(*event_ids: str, bad: str = "") -> bytes:
+        docs = []
+        for event_id in event_ids:
+            data = [] if event_id == bad else make_event(files)["data"]
+            attributes = {"id": event_id, "source": "/s", "type": "org.pacifica.metadata.ingest"}
+            docs.append(json.loads(to_structured_event(SDKCloudEvent(attributes, data)).body))
+        return json.dumps(docs).encode()
+
+    headers = {"Content-Type": "application/cloudevents-batch+json", "Prefer": "respond-async"}
+    strict = make_client(strict=True)
+    refused = strict.post("/", data=batch("s1", "s2", "s3", bad="s3"), headers=headers)
+    assert refused.status_code == 400
+    assert body(refused)["detail"].startswith("batch[2]")
+    assert body(strict.get("/jobs"))["jobs"] == []  # nothing of it was stored ...
+    assert fake_cartd.carts == {}  # ... and no cart was made
+
+    capped = make_client(max_queued=2, workers=0)
+    over = capped.post("/", data=batch("c1", "c2", "c3"), headers=headers)
+    assert over.status_code == 429
+    assert body(capped.get("/jobs"))["jobs"] == []
+    taken = capped.post("/", data=batch("c1", "c2"), headers=headers)
+    assert taken.status_code == 202
+    assert [answer["event_id"] for answer in body(taken)["events"]] == ["c1", "c2"]

@@ -235,3 +235,22 @@ def test_layout_template_nests_by_transaction_fields_and_umask_sets_modes(
 
     assert remove_download(done, settings)
     assert entries(tmp_path) == []  # the parents the layout made, emptied, went too
+
+
+def test_a_download_root_removed_while_running_is_a_retryable_storage_error(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    import shutil
+
+    job_id = add_job(store, fake_cartd)
+    settings = make_settings(tmp_path, fake_cartd.url, retry_base=5, retry_max_delay=5)
+    worker = make_worker(store, settings, clock)
+    shutil.rmtree(tmp_path / "root")  # an operator's mistake, a lost mount
+    failed = worker.run_once()
+    assert failed is not None and failed.id == job_id
+    assert failed.state == "queued"  # not final: the disk may come back
+    assert failed.error is not None and failed.error.kind == "storage" and failed.error.retryable
+    (tmp_path / "root").mkdir()
+    clock.now += 6
+    done = worker.run_once()
+    assert done is not None and done.state == "done" and done.attempts == 2

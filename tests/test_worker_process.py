@@ -113,3 +113,22 @@ def test_sigterm_hands_a_running_job_back_and_the_worker_exits(tmp_path: Path, f
         assert back["attempts"] == 0  # handed back untried: the attempt does not count
         assert list((tmp_path / "root").iterdir()) == []
         assert fake_cartd.deleted  # the abandoned cart was deleted on Cartd
+
+
+def test_serve_with_a_root_it_cannot_write_says_so_in_one_line_and_exits(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("in the way")
+    env = {
+        **os.environ,
+        "DOWNLOADER_ROOT": str(tmp_path / "a-file" / "root"),
+        "DOWNLOADER_STATE_DIR": str(tmp_path / "state"),
+        "DOWNLOADER_PORT": str(free_port()),
+    }
+    result = subprocess.run(
+        [str(SCRIPT), "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("downloader-service:")]
+    assert lines == [
+        f"downloader-service: cannot start: the download root {tmp_path}/a-file/root cannot be written: "
+        "Not a directory"
+    ], result.stderr
