@@ -26,6 +26,9 @@ setup(
     install_requires=[
         "requests>=2.31,<3",
         "CherryPy>=18.9,<19",
+        # service/http.py extends cheroot's connection handling (slow clients wait without a
+        # thread); it is tested on 11.x, so a new major version must be checked first.
+        "cheroot>=11,<12",
         # 2.x moved the HTTP bindings to cloudevents.core; 3.x may move them again.
         "cloudevents>=2.2,<3",
         "prometheus-client>=0.20,<1",

@@ -61,6 +61,7 @@ def test_overrides_win_over_environment_and_none_is_ignored() -> None:
         ({"DOWNLOADER_HTTP_THREADS": "0"}, "http_threads must be at least 1"),
         ({"DOWNLOADER_WORKERS": "-1"}, "workers must not be negative"),
         ({"DOWNLOADER_BASIC_AUTH": "nocolon"}, "user:password"),
+        ({"DOWNLOADER_REQUEST_TIMEOUT": "0"}, "request_timeout and idle_timeout must be above 0"),
         ({"DOWNLOADER_EVENT_TYPES": " , "}, "at least one type"),
         ({"DOWNLOADER_FILENAME": "../up"}, "one directory name"),
     ],

@@ -9,7 +9,7 @@ from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
 from downloader_service import InvalidEventError
 from downloader_service.errors import UnsupportedMediaTypeError
-from downloader_service.service.webhook import parse_request
+from downloader_service.service.webhook import MAX_JSON_DEPTH, json_depth, parse_request
 from tests.events import file_obj, make_event
 
 FILES = [file_obj(1, "a.txt", "d", b"a")]
@@ -122,3 +122,50 @@ def test_parse_request_maps_0_1_extensions_to_valid_names(notifications_event: d
     notifications_event["extensions"] = {"comExampleExtension": "value", "id": "clash"}
     with pytest.raises(InvalidEventError, match="extension 'id'"):
         parse_request({"content-type": "application/json"}, json.dumps(notifications_event).encode())
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+BINARY = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "s", "ce-type": "t"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": "application/json"},
+        {"content-type": "application/cloudevents+json"},
+        {"content-type": "application/cloudevents-batch+json"},
+        {**BINARY, "content-type": "application/json"},
+        {**BINARY, "content-type": "text/plain"},  # data the SDK keeps as bytes, parsed by us
+    ],
+    ids=["json", "structured", "batch", "binary", "binary-text"],
+)
+def test_parse_request_refuses_deep_nesting_before_any_parser(headers: dict[str, str]) -> None:
+    with pytest.raises(InvalidEventError, match=f"100000 levels deep; at most {MAX_JSON_DEPTH}") as info:
+        parse_request(headers, DEEP)
+    assert info.value.field == "body"
+
+
+def test_parse_request_takes_nesting_up_to_the_limit() -> None:
+    event = make_event(FILES, version="1.0")
+    event["data"][0]["value"] = json.loads("[" * (MAX_JSON_DEPTH - 3) + "]" * (MAX_JSON_DEPTH - 3))
+    body = json.dumps(event).encode()
+    assert json_depth(body) == MAX_JSON_DEPTH
+    (parsed,) = parse_request({"content-type": "application/cloudevents+json"}, body)
+    assert parsed.id == "ev-1"
+    event["data"][0]["value"] = [event["data"][0]["value"]]
+    with pytest.raises(InvalidEventError, match="65 levels deep"):
+        parse_request({"content-type": "application/cloudevents+json"}, json.dumps(event).encode())
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b"{}", 1),
+        (b'{"a": "[[[[{{{{", "b": [["]\\"]"]]}', 3),
+        (b'["a\\"[[[', 1),  # an unterminated string runs to the end
+        (b'"' + b'\\"' * 1000, 0),
+        (b"123", 0),
+    ],
+)
+def test_json_depth_skips_brackets_in_strings(body: bytes, depth: int) -> None:
+    assert json_depth(body) == depth

@@ -156,13 +156,26 @@ class Service:
         )
 
     def read_body(self) -> bytes:
-        """Read the request body, refusing more than ``max_body_bytes`` without reading it all."""
+        """Read the request body, refusing more than ``max_body_bytes`` without reading it all.
+
+        A body whose framing is broken (a chunk size that is not hex, a negative length)
+        answers 400, one that does not arrive by the request's deadline 408; both close the
+        connection, whose stream can no longer be trusted.
+        """
         limit = self.settings.max_body_bytes
         declared = cherrypy.request.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             cherrypy.response.headers["Connection"] = "close"
             raise PayloadTooLargeError(f"the body is {declared} bytes; the limit is {limit}", field="body")
-        body: bytes = cherrypy.request.rfile.read(limit + 1)
+        close = {"Connection": "close"}
+        try:
+            body: bytes = cherrypy.request.rfile.read(limit + 1)
+        except TimeoutError as exc:
+            raise HTTPError(408, "request_timeout", "the body did not arrive in time", close) from exc
+        except ValueError as exc:  # cheroot's ChunkedRFile, or a reader given a negative length
+            raise HTTPError(400, "bad_request", f"the body's framing is broken: {exc}", close) from exc
+        except OSError as exc:
+            raise HTTPError(400, "bad_request", f"the body could not be read: {exc}", close) from exc
         if len(body) > limit:
             cherrypy.response.headers["Connection"] = "close"
             raise PayloadTooLargeError(f"the body is over the limit of {limit} bytes", field="body")

@@ -1,15 +1,50 @@
-"""JSON-lines logging for the service: one object per record, with the ``extra`` fields."""
+"""JSON-lines logging for the service: one object per record, with the ``extra`` fields.
+
+Secrets never reach a log line: every string a record carries (message, extras, traceback)
+passes :func:`redact` first, CherryPy's access and error lines included.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+REDACTED: Final = "[REDACTED]"
+# A query parameter whose name speaks of a secret: ?access_token=..., &client_secret=...
+_SECRET_PARAM = re.compile(
+    r"(?i)((?<![^\s?&;])[^=&;#\s\"']*(?:token|passw(?:or)?d|secret|api[-_]?key)[^=&;#\s\"']*=)[^&;#\s\"']*"
+)
+# An Authorization header's value: a header line (CherryPy's log_headers tool) or a dict's repr.
+_AUTH_HEADER = re.compile(r"""(?i)((?:proxy-)?authorization["']?\s*[:=]\s*["']?)[^"'\r\n]+""")
+# A field (an extra, a key of a logged dict) whose value is a secret as a whole.
+_SECRET_NAME = re.compile(r"(?i)authorization|token|passw(?:or)?d|secret|api[-_]?key")
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s\"']+:)[^@/\s\"']+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with secret query values, Authorization headers and URL passwords masked."""
+    text = _SECRET_PARAM.sub(rf"\1{REDACTED}", text)
+    text = _AUTH_HEADER.sub(rf"\1{REDACTED}", text)
+    return _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {
+            key: REDACTED if isinstance(key, str) and _SECRET_NAME.search(key) else _redacted(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_redacted(item) for item in value]
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,7 +60,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({key: value for key, value in vars(record).items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return json.dumps(_redacted(entry), default=lambda value: redact(str(value)), ensure_ascii=False)
 
 
 def configure_json_logging(level: str = "INFO", stream: TextIO | None = None) -> None:

@@ -14,6 +14,7 @@ import requests
 
 from .app import create_app, downloader_factory
 from .health import readiness, serve_health
+from .http import HEAD_LIMIT, HardenedServer
 from .logs import configure_json_logging
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -42,11 +43,16 @@ def serve(settings: Settings) -> None:
             "server.socket_queue_size": 128,
             # The body limit is ours (413 as JSON), not cheroot's plain-text one.
             "server.max_request_body_size": 0,
+            "server.max_request_header_size": HEAD_LIMIT,
+            # Silence allowed on a connection; .http bounds the whole request by request_timeout.
+            "server.socket_timeout": settings.idle_timeout,
             "engine.autoreload.on": False,
             "checker.on": False,
             "log.screen": False,
         }
     )
+    # Slow or idle clients wait in cheroot's selector, not in the pool's threads (see .http).
+    cherrypy.server.instance = HardenedServer(cherrypy.server, settings.request_timeout)
     # Waiting sync requests answer 202 at once (their jobs are safe in the store) ...
     cherrypy.engine.subscribe("stop", app.service.stopping.set, priority=10)
     # ... and downloads get their grace after the HTTP server has stopped taking requests.

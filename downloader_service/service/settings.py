@@ -21,6 +21,8 @@ DEFAULT_EVENT_TYPES: Final = ("org.pacifica.metadata.ingest",)
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
 DEFAULT_WORKERS: Final = 4
 DEFAULT_HTTP_THREADS: Final = 32
+DEFAULT_REQUEST_TIMEOUT: Final = 30.0
+DEFAULT_IDLE_TIMEOUT: Final = 10.0
 DEFAULT_RETRY_AFTER: Final = 5
 DEFAULT_ALLOWED_ORIGINS: Final = ("*",)
 DEFAULT_FILENAME: Final = "data"
@@ -118,6 +120,21 @@ class Settings:
     http_threads: int = field(
         default=DEFAULT_HTTP_THREADS,
         metadata={"env": "DOWNLOADER_HTTP_THREADS", "help": "requests served at once"},
+    )
+    request_timeout: float = field(
+        default=DEFAULT_REQUEST_TIMEOUT,
+        metadata={
+            "env": "DOWNLOADER_REQUEST_TIMEOUT",
+            "help": "seconds a client has to send a whole request, head and body, from its first byte "
+            "(408 after)",
+        },
+    )
+    idle_timeout: float = field(
+        default=DEFAULT_IDLE_TIMEOUT,
+        metadata={
+            "env": "DOWNLOADER_IDLE_TIMEOUT",
+            "help": "seconds a connection may stay silent: before its request, within it, or kept alive",
+        },
     )
     max_queued: int = field(
         default=0,
@@ -350,6 +367,8 @@ def _check(settings: Settings) -> None:
     ):
         if getattr(settings, name) < 0:
             raise ValueError(f"{name} must not be negative")
+    if settings.request_timeout <= 0 or settings.idle_timeout <= 0:
+        raise ValueError("request_timeout and idle_timeout must be above 0")
     if settings.lease_seconds < 1 or settings.poll_interval <= 0:
         raise ValueError("lease_seconds must be at least 1 and poll_interval above 0")
     if settings.retry_max_delay < settings.retry_base:

@@ -3,15 +3,18 @@
 Takes what Pacifica Notifications really sends (a CloudEvents 0.1 JSON object as
 ``application/json``, mapped to 1.0 attributes) and the 1.0 structured, binary and batch
 modes. Every event is validated by the ``cloudevents`` SDK; its exceptions stop here.
+No body reaches a JSON parser (ours or the SDK's) nested deeper than :data:`MAX_JSON_DEPTH`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import accumulate
 from typing import Any, Final
 
 from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_structured_event
@@ -24,6 +27,9 @@ STRUCTURED: Final = "application/cloudevents+json"
 BATCH: Final = "application/cloudevents-batch+json"
 PLAIN_JSON: Final = frozenset({"application/json", "text/json"})
 MEDIA_TYPES: Final = (STRUCTURED, BATCH, "application/json", "ce-* headers (binary mode)")
+# A batch of 1.0 events holding Files objects is 4 levels deep; deeper input is an attack on
+# the parser's recursion (100,000 nested arrays end in RecursionError), not an event.
+MAX_JSON_DEPTH: Final = 64
 
 # CloudEvents 0.1 attribute -> 1.0 attribute (extensions are handled apart).
 _V01_ATTRIBUTES: Final = {
@@ -38,6 +44,12 @@ _CORE_ATTRIBUTES: Final = frozenset(
     {"id", "source", "type", "specversion", "time", "datacontenttype", "dataschema", "subject", "data"}
 )
 _NOT_EXTENSION_CHARS = re.compile(r"[^a-z0-9]")
+# A JSON string (escapes included), or an unterminated one up to the end: brackets in it do
+# not nest. Matching the unterminated kind keeps the scan linear on hostile quoting.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+# Opening brackets to +1 and closing ones to -1 (as signed bytes); every other byte is dropped.
+_BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS: Final = bytes(range(256)).translate(None, b"[]{}")
 # The SDK fills in a missing ``id`` (a fresh uuid) and ``specversion``: a sender that forgot
 # them must hear so, and duplicate detection needs the sender's own id.
 _REQUIRED: Final = ("id", "source", "type", "specversion")
@@ -84,6 +96,7 @@ def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent
     media = media_type(lowered.get("content-type", ""))
     if any(key.startswith("ce-") for key in lowered):
         _require(lowered, "ce-", "header")
+        _check_depth(body)  # the SDK parses a JSON body itself
         return [_sdk_event(lambda: from_binary_event(HTTPMessage(lowered, body)), "binary")]
     if media == STRUCTURED:
         return [_structured(body, "structured")]
@@ -98,12 +111,29 @@ def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent
     )
 
 
+def json_depth(body: bytes) -> int:
+    """How deep ``body``'s arrays and objects nest, found without parsing (no recursion)."""
+    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(accumulate(array("b", steps)), default=0)
+
+
+def _check_depth(body: bytes) -> None:
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return  # too few brackets to nest too deep: the common case, and no scan
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidEventError(
+            f"the body nests JSON {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted", field="body"
+        )
+
+
 def _json(body: bytes) -> Any:
+    _check_depth(body)
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidEventError(f"the body is not UTF-8: {exc}", field="body") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidEventError(f"the body is not valid JSON: {exc}", field="body") from exc
 
 
@@ -191,7 +221,7 @@ def _sdk_event(parse: Any, mode: str) -> ReceivedEvent:
     except CloudEventValidationError as exc:
         field = next(iter(exc.errors), "event")
         raise InvalidEventError(f"invalid CloudEvent: {exc}", field=field) from exc
-    except (BaseCloudEventException, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (BaseCloudEventException, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise InvalidEventError(f"invalid CloudEvent: {exc}", field="event") from exc
     data = event.get_data()
     if isinstance(data, (bytes, str)):
