@@ -132,3 +132,21 @@ def test_serve_with_a_root_it_cannot_write_says_so_in_one_line_and_exits(tmp_pat
         f"downloader-service: cannot start: the download root {tmp_path}/a-file/root cannot be written: "
         "Not a directory"
     ], result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "DOWNLOADER_STATE_DIR": str(tmp_path / "state"), "DOWNLOADER_PORT": str(port)}
+        result = subprocess.run(
+            [str(SCRIPT), "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"downloader-service: cannot start: cannot listen on 127.0.0.1:{port}: in use"
+    )

@@ -126,6 +126,9 @@ def _started(run: Any) -> int:
     except DownloaderError as exc:
         print(f"downloader-service: cannot start: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # the port (check_listen), or the state directory
+        print(f"downloader-service: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -5,8 +5,10 @@ The one place global state (logging, signal handlers, CherryPy's engine) is set 
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 
 import cherrypy
@@ -28,8 +30,10 @@ def serve(settings: Settings) -> None:
     """Configure logging and CherryPy, mount the app and block until a signal stops it.
 
     SIGTERM stops intake and claiming; running downloads get ``shutdown_grace`` seconds,
-    then they are handed back to the store for the next worker.
+    then they are handed back to the store for the next worker. A port that cannot be
+    listened on raises ``OSError`` before anything starts.
     """
+    check_listen(settings.host, settings.port)
     configure_json_logging(settings.log_level)
     app = create_app(settings)
     cherrypy.tree.apps[""] = app
@@ -72,6 +76,22 @@ def serve(settings: Settings) -> None:
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     cherrypy.engine.block()
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ``OSError`` saying why ``host:port`` cannot be listened on (in use, no such address).
+
+    CherryPy finds out only after it has logged "serving", then exits 70 with the reason deep
+    in a traceback; a person needs the reason in one line, before anything has started.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            why = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {why}") from exc
 
 
 def run_worker(settings: Settings) -> None:
