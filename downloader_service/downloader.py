@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,10 @@ class Downloader:
     ``cart_timeout``
         seconds to wait for the cart to be staged (120);
     ``delete_cart``
-        delete the cart on Cartd once the download ends (True);
+        delete the cart on Cartd once the download ends: ``True`` (the default) in the
+        background, so that the result does not wait on Cartd (its DELETE revokes three
+        Celery tasks per file: seconds for thousands of files) -- :meth:`wait_for_deletes`
+        waits for it; ``"wait"`` before returning; ``False`` never;
     ``progress``
         a :class:`DownloadProgress` to notify;
     ``chunk_size``
@@ -80,7 +84,10 @@ class Downloader:
             location, cart_api_url = None, location  # 0.4.1: Downloader(cart_api_url)
         self.location = Path(location) if location is not None else None
         self.cart_timeout = float(kwargs.pop("cart_timeout", DEFAULT_CART_TIMEOUT))
-        self.delete_cart = bool(kwargs.pop("delete_cart", True))
+        delete_cart = kwargs.pop("delete_cart", True)
+        self.delete_cart: bool | str = delete_cart if delete_cart == "wait" else bool(delete_cart)
+        self._deletions: list[threading.Thread] = []
+        self._deletions_lock = threading.Lock()
         self.progress: DownloadProgress = kwargs.pop("progress", None) or DownloadProgress()
         self.chunk_size = int(kwargs.pop("chunk_size", DEFAULT_CHUNK_SIZE))
         self.clock = kwargs.get("clock", time.monotonic)
@@ -124,8 +131,7 @@ class Downloader:
             )
             raise
         finally:
-            if self.delete_cart:
-                self.cart_api.delete_cart(cart_url)
+            self._delete(cart_url)
         result = DownloadResult(
             location=target,
             root=extracted.root,
@@ -145,6 +151,33 @@ class Downloader:
             },
         )
         return result
+
+    def _delete(self, cart_url: str) -> None:
+        if not self.delete_cart:
+            return
+        if self.delete_cart == "wait":
+            self.cart_api.delete_cart(cart_url)
+            return
+        thread = threading.Thread(
+            target=self.cart_api.delete_cart, args=(cart_url,), name="delete-cart", daemon=True
+        )
+        thread.start()
+        with self._deletions_lock:
+            self._deletions = [*(t for t in self._deletions if t.is_alive()), thread]
+
+    def wait_for_deletes(self, timeout: float | None = None) -> bool:
+        """Wait until the carts being deleted in the background are; ``True`` if none is left.
+
+        A process that exits without waiting leaves those carts to Cartd's own purge.
+        """
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._deletions_lock:
+            pending = list(self._deletions)
+        for thread in pending:
+            thread.join(None if deadline is None else max(0.0, deadline - self.clock()))
+        with self._deletions_lock:
+            self._deletions = [t for t in self._deletions if t.is_alive()]
+            return not self._deletions
 
     def _download_from_url(
         self,

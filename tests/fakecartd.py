@@ -93,6 +93,8 @@ class FakeCartd:
     get_status: int = 200
     chunk: int = 64 * 1024
     deleted: list[str] = field(default_factory=list)
+    # Runs before a DELETE is answered: a test can make Cartd slow to delete.
+    before_delete: Callable[[], object] = field(default=lambda: None)
     server: ThreadingHTTPServer | None = None
     thread: threading.Thread | None = None
 
@@ -138,6 +140,7 @@ class FakeCartd:
 
             def do_DELETE(self) -> None:
                 fake.requests.append(("DELETE", self.path))
+                fake.before_delete()
                 fake.deleted.append(self._uid())
                 self._reply(200, b'{"message": "Cart Deleted Successfully"}')
 

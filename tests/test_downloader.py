@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import tarfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,9 @@ def listing(root: Path) -> list[str]:
 def test_cloudevent_downloads_verified_files_and_deletes_cart(
     tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
 ) -> None:
-    result = Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(event)
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url)
+    result = downloader.cloudevent(event)
+    assert downloader.wait_for_deletes(5)
     assert isinstance(result, DownloadResult)
     assert (tmp_path / "dl/data/a/b/foo.txt").read_bytes() == FOO
     assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
@@ -60,7 +64,7 @@ def test_cloudevent_with_filename_puts_files_under_it(
 ) -> None:
     Downloader(tmp_path, fake_cartd.url).cloudevent(event, filename="run-7")
     assert (tmp_path / "run-7/bar.txt").read_bytes() == BAR
-    assert fake_cartd.requests[-2][1].endswith("?filename=run-7")
+    assert [path for method, path in fake_cartd.requests if method == "GET"][-1].endswith("?filename=run-7")
 
 
 def test_transactioninfo_downloads(tmp_path: Path, fake_cartd: FakeCartd) -> None:
@@ -107,8 +111,10 @@ def test_download_from_url_without_files_is_unverified(tmp_path: Path, fake_cart
 def failing(
     tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any], error: type[Exception], **kwargs: Any
 ) -> pytest.ExceptionInfo[Exception]:
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url, **kwargs)
     with pytest.raises(error) as info:
-        Downloader(tmp_path / "dl", fake_cartd.url, **kwargs).cloudevent(event)
+        downloader.cloudevent(event)
+    assert downloader.wait_for_deletes(5)
     leftovers = listing(tmp_path / "dl") if (tmp_path / "dl").exists() else []
     assert leftovers == [], leftovers
     return info
@@ -196,8 +202,10 @@ def test_cloudevent_never_writes_through_a_link_planted_in_the_location(
     (outside / "a").mkdir(parents=True)
     (tmp_path / "dl").mkdir()
     (tmp_path / "dl/data").symlink_to(outside)
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url)
     with pytest.raises(LocalStorageError, match="symbolic link") as info:
-        Downloader(tmp_path / "dl", fake_cartd.url).cloudevent(event)
+        downloader.cloudevent(event)
+    assert downloader.wait_for_deletes(5)
     assert not info.value.retryable
     assert listing(outside) == ["a"]
     assert listing(tmp_path / "dl") == ["data"]  # the link, and no staging leftovers
@@ -222,3 +230,26 @@ def test_cloudevent_again_into_the_same_location_keeps_only_changed_files(
     assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
     assert (tmp_path / "dl/data/bar.txt.~1~").read_bytes() == b"edited by a scientist"
     assert result.files == (tmp_path / "dl/data/a/b/foo.txt", tmp_path / "dl/data/bar.txt")
+
+
+def test_the_result_does_not_wait_for_cartds_delete(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    release = threading.Event()
+    fake_cartd.before_delete = lambda: release.wait(10)  # Cartd revoking thousands of tasks
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url)
+    started = time.monotonic()
+    result = downloader.cloudevent(event)
+    assert time.monotonic() - started < 2
+    assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
+    assert not downloader.wait_for_deletes(0.1)  # still deleting
+    release.set()
+    assert downloader.wait_for_deletes(5)
+    assert fake_cartd.deleted == [result.cart_url.rsplit("/", 1)[1]]
+
+
+def test_delete_cart_wait_deletes_before_returning(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    result = Downloader(tmp_path / "dl", fake_cartd.url, delete_cart="wait").cloudevent(event)
+    assert fake_cartd.deleted == [result.cart_url.rsplit("/", 1)[1]]

@@ -705,3 +705,21 @@ def test_a_batch_is_stored_whole_or_not_at_all(
     taken = capped.post("/", data=batch("c1", "c2"), headers=headers)
     assert taken.status_code == 202
     assert [answer["event_id"] for answer in body(taken)["events"]] == ["c1", "c2"]
+
+
+def test_a_slow_cart_delete_does_not_hold_the_answer_and_still_happens(
+    make_client: MakeClient, files: list[dict[str, Any]], fake_cartd: FakeCartd
+) -> None:
+    release = threading.Event()
+    fake_cartd.before_delete = lambda: release.wait(10)  # Cartd revoking thousands of tasks
+    client = make_client()
+    started = time.monotonic()
+    resp = post(client, make_event(files, event_id="slow-delete"))
+    assert resp.status_code == 200 and body(resp)["state"] == "done"
+    assert time.monotonic() - started < 3
+    assert fake_cartd.deleted == []
+    release.set()
+    wait_for(lambda: len(fake_cartd.deleted) == 1)
+    assert "completion_events" not in body(
+        client.get(body(resp)["status_url"].removeprefix("http://localhost"))
+    )

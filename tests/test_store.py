@@ -291,11 +291,11 @@ def test_a_jobs_end_and_its_completion_event_commit_together(store: JobStore, cl
     b = store.claim("w", 60)
     assert a is not None and b is not None
     notice = Notice("n1", "org.pacifica.downloader.download.completed", "http://sink/", {"id": "n1"})
-    assert not store.finish(a.id, "thief", "/x", "h", {}, notice)  # not held: no job end, no event
+    assert not store.finish(a.id, "thief", "/x", "h", {}, [notice])  # not held: no job end, no event
     assert store.deliveries() == []
-    assert store.finish(a.id, "w", "/x", "h", {}, notice)
+    assert store.finish(a.id, "w", "/x", "h", {}, [notice])
     lost = Notice("n2", "org.pacifica.downloader.download.failed", "http://sink/", {"id": "n2"})
-    assert store.fail(b.id, "w", JobError("unsafe_archive", "a link", False, {}), lost)
+    assert store.fail(b.id, "w", JobError("unsafe_archive", "a link", False, {}), [lost])
     assert [(d.id, d.job_id, d.state) for d in store.deliveries()] == [
         ("n1", a.id, "pending"),
         ("n2", b.id, "pending"),

@@ -36,6 +36,8 @@ from .operate import add_operator_commands
 LOGGER = logging.getLogger(__name__)
 
 DEFAULT_POLICY_URL = "http://127.0.0.1:8181"
+# How long the command waits for Cartd to delete the cart once the result is out.
+DELETE_WAIT = 30.0
 
 # Exit codes, documented in README and --help. The first matching class wins.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -120,6 +122,12 @@ def _add_download(commands: Any) -> None:
         help="seconds to wait for the cart to be staged (default: %(default)g)",
     )
     common.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    common.add_argument(
+        "--keep-cart",
+        action="store_true",
+        help="leave the cart on Cartd (default: delete it once the files are in place; the "
+        "result is printed first, the command waits up to 30 s for the delete)",
+    )
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary line")
     common.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
 
@@ -241,19 +249,28 @@ def _download(args: argparse.Namespace, files: Any) -> int:
         print(f"downloader-service: {exc}", file=sys.stderr)
         return exit_code(exc)
     progress = TerminalProgress(sys.stderr, total) if show else DownloadProgress()
-    downloader = Downloader(args.dest, args.cart_url, cart_timeout=args.timeout, progress=progress)
+    downloader = Downloader(
+        args.dest, args.cart_url, cart_timeout=args.timeout, progress=progress, delete_cart=not args.keep_cart
+    )
     try:
         result = downloader.download(cart_files, args.filename)
     except KeyboardInterrupt:
         _close(progress)
         print("downloader-service: interrupted; nothing half-written was left behind", file=sys.stderr)
+        downloader.wait_for_deletes(DELETE_WAIT)
         return EXIT_CANCELLED
     except DownloaderError as exc:
         _close(progress)
         print(f"downloader-service: {exc}", file=sys.stderr)
+        downloader.wait_for_deletes(DELETE_WAIT)
         return exit_code(exc)
     _close(progress)
-    _report(result, args)
+    _report(result, args)  # the files are there: say so now, then let Cartd's delete finish
+    sys.stdout.flush()
+    if not downloader.wait_for_deletes(DELETE_WAIT):
+        LOGGER.info(
+            "the cart is still being deleted; Cartd will purge it", extra={"cart_url": result.cart_url}
+        )
     return EXIT_OK
 
 

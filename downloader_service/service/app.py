@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..progress import DownloadProgress
 from . import page
+from .events import CART_DELETE
 from .health import readiness
 from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, Job, JobError, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -317,7 +318,7 @@ class Jobs:
         if not job_id:
             return self._list(params)
         body = self.service.answer(self._job(job_id))[1]
-        events = self.service.store.deliveries(job_id)
+        events = [event for event in self.service.store.deliveries(job_id) if event.type != CART_DELETE]
         if events:
             body["completion_events"] = [event.summary() for event in events]
         return body
@@ -523,6 +524,8 @@ def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downl
             read_timeout=settings.read_timeout,
             progress=progress,
             session=session,
+            # The worker records the cart in the outbox and deletes it after the job's end.
+            delete_cart=False,
         )
 
     return make

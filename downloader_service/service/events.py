@@ -1,13 +1,15 @@
-"""Completion events: a CloudEvent when a job ends, delivered durably to a sink.
+"""Completion events and cart deletions: what follows a job's end, delivered durably.
 
 When a job ends (``done``, or ``failed`` for good) and a sink is configured
-(``DOWNLOADER_EVENT_SINK``, else Knative's ``K_SINK``), the worker writes the event into the
+(``DOWNLOADER_EVENT_SINK``, else Knative's ``K_SINK``), the worker writes a CloudEvent into the
 store's outbox *in the same transaction* as the job's end, so neither can exist without the
-other. A :class:`Deliverer` thread in every worker process claims due outbox rows (leased,
-like jobs), POSTs them as structured CloudEvents built by the ``cloudevents`` SDK, and
-records the answer: ``2xx`` is sent; a ``4xx`` (but 408 and 429) is recorded as failed and not
-retried, since sending the same event again cannot help; anything else (5xx, no connection)
-is retried with the job retry policy's backoff, for its window.
+other. The outbox also holds each attempt's cart, deleted on Cartd once the attempt's end is
+recorded: no download waits on Cartd's slow DELETE, and no cart is forgotten. A
+:class:`Deliverer` thread in every worker process claims due outbox rows (leased, like jobs),
+POSTs events as structured CloudEvents built by the ``cloudevents`` SDK (or DELETEs carts), and
+records the answer: ``2xx`` is done; a ``4xx`` (but 408, 425 and 429) is recorded as failed
+and not retried, since sending the same event again cannot help; anything else (5xx, no
+connection) is retried with the job retry policy's backoff, for its window.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ LOGGER = logging.getLogger(__name__)
 
 COMPLETED: Final = "org.pacifica.downloader.download.completed"
 FAILED: Final = "org.pacifica.downloader.download.failed"
+# Not a CloudEvent: an outbox row whose delivery is DELETE <cart URL> on Cartd.
+CART_DELETE: Final = "cartd.delete"
 DEFAULT_SOURCE: Final = "/pacifica/downloader"
 SEND_TIMEOUT: Final = (5.0, 30.0)
 _RETRYABLE_4XX: Final = frozenset({408, 425, 429})
@@ -80,6 +84,18 @@ def completion_notice(
     return Notice(notice_id, str(event["type"]), settings.event_sink, event)
 
 
+def cart_deletion(cart_url: str | None) -> list[Notice]:
+    """The outbox row that deletes an attempt's cart once the attempt's end is committed.
+
+    The download is reported as soon as its files are verified and in place; Cartd's DELETE
+    (three Celery revocations per file: seconds for thousands of files) comes after, durably:
+    a cart whose deletion failed is deleted later, never forgotten.
+    """
+    if not cart_url:
+        return []
+    return [Notice(uuid.uuid4().hex, CART_DELETE, cart_url, {})]
+
+
 def structured(event: dict[str, Any]) -> tuple[dict[str, str], bytes]:
     """The headers and body of a structured-mode HTTP request, from the SDK."""
     attributes = {name: value for name, value in event.items() if name != "data"}
@@ -107,6 +123,8 @@ class Deliverer:
         self.retry = retry
         self.session = session or requests.Session()
         self.clock = clock
+        # Cartd's DELETE revokes Celery tasks per file: give it the read timeout Cartd gets.
+        self.cart_timeout = (settings.connect_timeout, max(settings.read_timeout, SEND_TIMEOUT[1]))
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -133,7 +151,7 @@ class Deliverer:
 
     def deliver_once(self) -> Delivery | None:
         """Claim one due event and send it; returns it as claimed, or None if none was due."""
-        delivery = self.store.claim_delivery(self.owner, SEND_TIMEOUT[0] + SEND_TIMEOUT[1] + 5)
+        delivery = self.store.claim_delivery(self.owner, sum(self.cart_timeout) + 5)
         if delivery is None:
             return None
         status, error, retryable = self._send(delivery)
@@ -145,23 +163,33 @@ class Deliverer:
             retry_at = None if pause is None else self.clock() + pause
         self.store.delivered(delivery.id, self.owner, status, error, retry_at)
         log = {"delivery": delivery.id, "job_id": delivery.job_id, "type": delivery.type, "status": status}
+        what = "cart deleted" if delivery.type == CART_DELETE else "completion event delivered"
         if error is None:
-            LOGGER.info("completion event delivered", extra=log)
+            LOGGER.info(what, extra=log)
         elif retry_at is not None:
-            LOGGER.warning("completion event not delivered; retrying", extra={**log, "detail": error})
+            LOGGER.warning(f"not yet {what}; retrying", extra={**log, "detail": error})
         else:
-            LOGGER.warning("completion event not delivered, for good", extra={**log, "detail": error})
+            LOGGER.warning(f"not {what}, for good", extra={**log, "detail": error})
         return delivery
 
     def _send(self, delivery: Delivery) -> tuple[int | None, str | None, bool]:
-        """POST the event: ``(status, error or None, whether a retry can help)``."""
-        headers, body = structured(dict(delivery.event))
+        """POST the event (or DELETE the cart): ``(status, error or None, whether a retry can help)``."""
         try:
-            with self.session.post(delivery.sink, data=body, headers=headers, timeout=SEND_TIMEOUT) as resp:
-                status = resp.status_code
-                text = resp.text[:300] if status >= 300 else ""
+            if delivery.type == CART_DELETE:
+                with self.session.delete(delivery.sink, timeout=self.cart_timeout) as resp:
+                    # 404: Cartd has no such cart any more (deleted before, or purged): done.
+                    status = 200 if resp.status_code == 404 else resp.status_code
+                    text = resp.text[:300] if status >= 300 else ""
+            else:
+                headers, body = structured(dict(delivery.event))
+                with self.session.post(
+                    delivery.sink, data=body, headers=headers, timeout=SEND_TIMEOUT
+                ) as resp:
+                    status = resp.status_code
+                    text = resp.text[:300] if status >= 300 else ""
         except requests.RequestException as exc:
-            return None, f"cannot reach the sink: {type(exc).__name__}", True
+            where = "Cartd" if delivery.type == CART_DELETE else "the sink"
+            return None, f"cannot reach {where}: {type(exc).__name__}", True
         if status < 300:
             return status, None, False
         retryable = status >= 500 or status in _RETRYABLE_4XX

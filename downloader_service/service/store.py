@@ -354,7 +354,7 @@ class JobStore:
             raise TypeError(
                 f"note_attempt takes attempt_path, cart_url, download_path, not {sorted(unknown)}"
             )
-        return self._update_held(job_id, owner, None, **values)
+        return self._update_held(job_id, owner, (), **values)
 
     def finish(
         self,
@@ -363,14 +363,14 @@ class JobStore:
         download_path: str,
         host: str,
         result: Mapping[str, Any],
-        notice: Notice | None = None,
+        notices: Sequence[Notice] = (),
     ) -> bool:
-        """The attempt succeeded: the job is ``done`` (and its ``notice`` is in the outbox)."""
+        """The attempt succeeded: the job is ``done`` (and its ``notices`` are in the outbox)."""
         now = self.clock()
         return self._update_held(
             job_id,
             owner,
-            notice=notice,
+            notices=notices,
             state=DONE,
             download_path=download_path,
             host=host,
@@ -382,11 +382,14 @@ class JobStore:
             lease_expires=None,
         )
 
-    def retry_later(self, job_id: str, owner: str, error: JobError, run_at: float) -> bool:
+    def retry_later(
+        self, job_id: str, owner: str, error: JobError, run_at: float, notices: Sequence[Notice] = ()
+    ) -> bool:
         """The attempt failed and may succeed later: back to ``queued`` until ``run_at``."""
         return self._update_held(
             job_id,
             owner,
+            notices=notices,
             state=QUEUED,
             run_at=run_at,
             attempt_path=None,
@@ -397,12 +400,12 @@ class JobStore:
             **_error_values(error),
         )
 
-    def fail(self, job_id: str, owner: str, error: JobError, notice: Notice | None = None) -> bool:
+    def fail(self, job_id: str, owner: str, error: JobError, notices: Sequence[Notice] = ()) -> bool:
         """The attempt failed for good: the job is a dead letter (``failed``)."""
         return self._update_held(
             job_id,
             owner,
-            notice=notice,
+            notices=notices,
             state=FAILED,
             finished_at=self.clock(),
             attempt_path=None,
@@ -423,6 +426,7 @@ class JobStore:
         return self._update_held(
             job_id,
             owner,
+            (),
             state=QUEUED,
             run_at=self.clock(),
             attempts=jobs.c.attempts - 1,
@@ -547,11 +551,12 @@ class JobStore:
             conn.execute(select(1))
 
     # ---------------------------------------------------------------- plumbing
-    def _update_held(self, job_id: str, owner: str, notice: Notice | None = None, **values: Any) -> bool:
+    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
         """Update a running job only while ``owner`` still holds its lease.
 
-        A ``notice`` goes into the outbox in the same transaction (the transactional outbox):
-        the job's end and its completion event are committed together or not at all.
+        ``notices`` go into the outbox in the same transaction (the transactional outbox): the
+        job's end and what must follow it (its completion event, deleting its cart) are
+        committed together or not at all.
         """
         now = self.clock()
         values.setdefault("updated_at", now)
@@ -561,7 +566,7 @@ class JobStore:
                 .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
                 .values(**values)
             )
-            if result.rowcount and notice is not None:
+            for notice in notices if result.rowcount else ():
                 conn.execute(
                     outbox.insert().values(
                         id=notice.id,

@@ -31,13 +31,13 @@ from typing import Any
 from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
-from .events import Deliverer, completion_notice
+from .events import Deliverer, cart_deletion, completion_notice
 from .jobs import Job, JobError
 from .layout import apply_umask, render, write_beside
 from .metrics import ServiceMetrics
 from .retry import RetryPolicy
 from .settings import Settings
-from .store import JobStore, StoreError, default_owner
+from .store import JobStore, Notice, StoreError, default_owner
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class _Active:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.cancelled: JobCancelled | None = None
+        self.cart_url: str | None = None
 
     def cancel(self, reason: str, release: bool) -> None:
         if self.cancelled is None:
@@ -123,9 +124,8 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._last_renewal = time.monotonic()
         self._last_sweep = 0.0
-        self.deliverer = (
-            Deliverer(store, settings, self.owner, self.retry, clock=clock) if settings.event_sink else None
-        )
+        # Delivers completion events (with a sink) and deletes finished attempts' carts.
+        self.deliverer: Deliverer | None = Deliverer(store, settings, self.owner, self.retry, clock=clock)
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> Worker:
@@ -228,6 +228,7 @@ class Worker:
         started = time.monotonic()
 
         def on_cart(cart_url: str) -> None:
+            active.cart_url = cart_url
             self.store.note_attempt(job.id, self.owner, cart_url=cart_url)
 
         try:
@@ -241,13 +242,15 @@ class Worker:
             final = self._publish(job, path)
         except JobCancelled as exc:
             shutil.rmtree(path, ignore_errors=True)
+            if active.cart_url is not None:  # stopping: delete it now, best effort
+                self.make_downloader(DownloadProgress()).cart_api.delete_cart(active.cart_url)
             if exc.release:
                 self.store.release(job.id, self.owner, clean=True)
             LOGGER.warning("download stopped", extra={**log, "reason": str(exc)})
             return
         except Exception as exc:  # noqa: BLE001 - whatever broke, the job records it and retries
             shutil.rmtree(path, ignore_errors=True)
-            self._failed(job, exc, log)
+            self._failed(job, exc, log, cart_deletion(active.cart_url))
             return
         self._done(job, final, result, time.monotonic() - started, log)
 
@@ -275,8 +278,10 @@ class Worker:
             "staging_seconds": round(result.staging_seconds, 4),
             "cart_url": result.cart_url,
         }
+        notices = [*cart_deletion(result.cart_url)]
         notice = completion_notice(self.settings, job, summary, path, self.host)
-        if not self.store.finish(job.id, self.owner, path, self.host, summary, notice):
+        notices += [notice] if notice is not None else []
+        if not self.store.finish(job.id, self.owner, path, self.host, summary, notices):
             # Another worker took the job over while this one was slow: its attempt counts.
             shutil.rmtree(path, ignore_errors=True)
             LOGGER.warning("finished a job whose lease was lost; its download was removed", extra=log)
@@ -284,7 +289,7 @@ class Worker:
         LOGGER.info("event downloaded", extra={**log, "download_path": path, **summary})
         self.metrics.job_done(result.file_count, result.bytes, seconds, time.time() - job.created_at)
 
-    def _failed(self, job: Job, exc: Exception, log: dict[str, Any]) -> None:
+    def _failed(self, job: Job, exc: Exception, log: dict[str, Any], notices: list[Notice]) -> None:
         error = JobError.of(exc)
         previous = job.error.kind if job.error is not None else None
         now = self.clock()
@@ -293,11 +298,12 @@ class Worker:
         if error.kind == "internal_error":
             LOGGER.error("download crashed", exc_info=exc, extra=extra)
         if delay is None:
-            self.store.fail(job.id, self.owner, error, completion_notice(self.settings, job, error=error))
+            notice = completion_notice(self.settings, job, error=error)
+            self.store.fail(job.id, self.owner, error, [*notices, *([notice] if notice else [])])
             LOGGER.warning("download failed for good", extra=extra)
             self.metrics.job_failed(error.kind)
         else:
-            self.store.retry_later(job.id, self.owner, error, now + delay)
+            self.store.retry_later(job.id, self.owner, error, now + delay, notices)
             LOGGER.warning("download failed; retrying later", extra={**extra, "retry_in": round(delay, 1)})
             self.metrics.job_retried(error.kind)
 
