@@ -45,6 +45,8 @@ class CartFile:
     path: str
     hashtype: str
     hashsum: str
+    # The metadata's ``size`` when it gives a sane one: it only sizes the wait for staging.
+    size: int | None = None
 
     def as_cartd(self) -> CartdFile:
         """Return the object Cartd expects in its ``fileids`` list."""
@@ -210,7 +212,9 @@ def _build(
     hashtype, hashsum = _checksum(obj.get("hashtype"), obj.get("hashsum"), problems)
     if problems or ident is None or path is None or hashtype is None or hashsum is None:
         return None
-    return CartFile(ident, path, hashtype, hashsum)
+    size = obj.get("size")
+    known = isinstance(size, int) and not isinstance(size, bool) and size >= 0
+    return CartFile(ident, path, hashtype, hashsum, size if known else None)
 
 
 def _file_id(value: Any, problems: list[tuple[str, str]]) -> str | None:

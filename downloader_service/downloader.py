@@ -21,6 +21,9 @@ from .transactioninfo import TransactionInfo
 
 LOGGER = logging.getLogger(__name__)
 
+DEFAULT_TIMEOUT_PER_FILE = 0.1
+DEFAULT_TIMEOUT_RATE = 50e6  # bytes a second
+
 
 @dataclass(frozen=True)
 class DownloadResult:
@@ -58,8 +61,10 @@ class Downloader:
     of a download with ``filename='data'`` ends up at ``location/data/a/b.txt``.
     ``cart_api_url`` is Cartd's cart endpoint. Keyword arguments:
 
-    ``cart_timeout``
-        seconds to wait for the cart to be staged (120);
+    ``cart_timeout``, ``cart_timeout_per_file``, ``cart_timeout_rate``
+        how long to wait for the cart to be staged, scaled to the cart (see
+        :meth:`staging_timeout`): 120 s, plus 0.1 s a file, plus a second per 50 MB of the
+        files' ``size``; ``cart_timeout_per_file=0, cart_timeout_rate=0`` makes it fixed;
     ``delete_cart``
         delete the cart on Cartd once the download ends: ``True`` (the default) in the
         background, so that the result does not wait on Cartd (its DELETE revokes three
@@ -84,6 +89,8 @@ class Downloader:
             location, cart_api_url = None, location  # 0.4.1: Downloader(cart_api_url)
         self.location = Path(location) if location is not None else None
         self.cart_timeout = float(kwargs.pop("cart_timeout", DEFAULT_CART_TIMEOUT))
+        self.cart_timeout_per_file = float(kwargs.pop("cart_timeout_per_file", DEFAULT_TIMEOUT_PER_FILE))
+        self.cart_timeout_rate = float(kwargs.pop("cart_timeout_rate", DEFAULT_TIMEOUT_RATE))
         delete_cart = kwargs.pop("delete_cart", True)
         self.delete_cart: bool | str = delete_cart if delete_cart == "wait" else bool(delete_cart)
         self._deletions: list[threading.Thread] = []
@@ -121,7 +128,7 @@ class Downloader:
         cart_url = self.cart_api.setup_cart(as_yield_files(files))
         self.progress.cart_created(cart_url, len(files))
         try:
-            self.cart_api.wait_for_cart(cart_url, self.cart_timeout, self.progress.cart_status)
+            self.cart_api.wait_for_cart(cart_url, self.staging_timeout(files), self.progress.cart_status)
             ready = self.clock()
             extracted = self._download_from_url(cart_url, filename, files=files, location=target)
         except DownloaderError as exc:
@@ -151,6 +158,20 @@ class Downloader:
             },
         )
         return result
+
+    def staging_timeout(self, files: Sequence[CartFile]) -> float:
+        """How long Cartd may take to stage these files before the cart counts as stuck.
+
+        ``cart_timeout + cart_timeout_per_file * files + bytes / cart_timeout_rate``: Cartd
+        stages a file in 40-75 ms here (2000 small files took up to 154 s, past a fixed 120 s)
+        and copies data from the archive at hundreds of MB/s; the allowance is about twice
+        that, so a cart still staging is not abandoned early, and one that is stuck (Cartd
+        sometimes leaves a cart staging for ever) is recognised after a time that fits it.
+        """
+        allowance = self.cart_timeout + self.cart_timeout_per_file * len(files)
+        if self.cart_timeout_rate > 0:
+            allowance += sum(file.size or 0 for file in files) / self.cart_timeout_rate
+        return allowance
 
     def _delete(self, cart_url: str) -> None:
         if not self.delete_cart:

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from downloader_service import CartFile, InvalidInputError, LocalStorageError
+from downloader_service import CartFile, CloudEvent, InvalidInputError, LocalStorageError
 from downloader_service.cartfile import (
     MAX_DEPTH,
     MAX_PATH_BYTES,
@@ -151,3 +151,12 @@ def test_error_message_is_capped_and_retryable_may_be_set_per_error() -> None:
     assert str(error).endswith("more characters]")
     assert not error.retryable and LocalStorageError("y").retryable
     assert error.context == {"path": "p"}
+
+
+@pytest.mark.parametrize(
+    ("size", "kept"), [(12, 12), (0, 0), ("12", None), (-1, None), (True, None), (None, None)]
+)
+def test_a_files_size_is_kept_when_sane_and_ignored_otherwise(size: object, kept: int | None) -> None:
+    obj = {"_id": 1, "name": "a.txt", "subdir": "", "hashtype": "sha1", "hashsum": "0" * 40, "size": size}
+    [file] = CloudEvent.files({"id": "e", "data": [{"destinationTable": "Files", **obj}]})
+    assert file.size == kept

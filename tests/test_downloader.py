@@ -253,3 +253,29 @@ def test_delete_cart_wait_deletes_before_returning(
 ) -> None:
     result = Downloader(tmp_path / "dl", fake_cartd.url, delete_cart="wait").cloudevent(event)
     assert fake_cartd.deleted == [result.cart_url.rsplit("/", 1)[1]]
+
+
+def test_staging_wait_scales_with_the_files_and_their_size(tmp_path: Path, fake_cartd: FakeCartd) -> None:
+    from downloader_service.cartfile import CartFile
+
+    files = [CartFile(str(n), f"f{n}", "sha1", "0" * 40, size=25_000_000) for n in range(4)]
+    downloader = Downloader(tmp_path, fake_cartd.url, cart_timeout=10, cart_timeout_per_file=0.5)
+    assert downloader.staging_timeout(files) == 10 + 4 * 0.5 + 100_000_000 / 50e6
+    assert downloader.staging_timeout([CartFile("1", "a", "sha1", "0" * 40)]) == 10.5  # size unknown
+    fixed = Downloader(tmp_path, fake_cartd.url, cart_timeout=7, cart_timeout_per_file=0, cart_timeout_rate=0)
+    assert fixed.staging_timeout(files) == 7
+
+
+def test_a_cart_still_staging_past_the_base_wait_is_not_abandoned_early(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    ready_at = time.monotonic() + 0.6
+    fake_cartd.head = lambda cart: (204, "ready", "") if time.monotonic() > ready_at else (202, "staging", "")
+    # 0.3 s of base wait alone would give up; the two files' allowance (0.25 s each) does not.
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url, cart_timeout=0.3, cart_timeout_per_file=0.25)
+    downloader.cloudevent(event)
+    assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
+    fake_cartd.head = lambda cart: (202, "staging", "")
+    with pytest.raises(CartTimeoutError) as info:
+        downloader.cloudevent({**event, "eventID": "again"})
+    assert info.value.timeout == pytest.approx(0.8, abs=0.01)  # and 20 kB at 50 MB/s

@@ -119,7 +119,8 @@ def _add_download(commands: Any) -> None:
         "--timeout",
         type=float,
         default=DEFAULT_CART_TIMEOUT,
-        help="seconds to wait for the cart to be staged (default: %(default)g)",
+        help="seconds to wait for the cart to be staged, plus 0.1 s a file and 1 s per 50 MB of "
+        "the files' size (default: %(default)g)",
     )
     common.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     common.add_argument(

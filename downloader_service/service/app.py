@@ -520,6 +520,8 @@ def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downl
             None,
             settings.cartd_url,
             cart_timeout=settings.cart_timeout,
+            cart_timeout_per_file=settings.cart_timeout_per_file,
+            cart_timeout_rate=settings.cart_timeout_rate,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             progress=progress,

@@ -13,6 +13,7 @@ from ..cartapi import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
 )
+from ..downloader import DEFAULT_TIMEOUT_PER_FILE, DEFAULT_TIMEOUT_RATE
 from .layout import DEFAULT_LAYOUT, check_layout
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -248,7 +249,24 @@ class Settings:
     )
     cart_timeout: float = field(
         default=DEFAULT_CART_TIMEOUT,
-        metadata={"env": "DOWNLOADER_CART_TIMEOUT", "help": "seconds to wait for Cartd to stage a cart"},
+        metadata={
+            "env": "DOWNLOADER_CART_TIMEOUT",
+            "help": "seconds to wait for Cartd to stage a cart, before the allowances per file and byte",
+        },
+    )
+    cart_timeout_per_file: float = field(
+        default=DEFAULT_TIMEOUT_PER_FILE,
+        metadata={
+            "env": "DOWNLOADER_CART_TIMEOUT_PER_FILE",
+            "help": "seconds added to the staging wait for each file of the cart",
+        },
+    )
+    cart_timeout_rate: float = field(
+        default=DEFAULT_TIMEOUT_RATE,
+        metadata={
+            "env": "DOWNLOADER_CART_TIMEOUT_RATE",
+            "help": "bytes a second of the files' size added to the staging wait (0: none)",
+        },
     )
     connect_timeout: float = field(
         default=DEFAULT_CONNECT_TIMEOUT,
@@ -364,6 +382,8 @@ def _check(settings: Settings) -> None:
         "shutdown_grace",
         "health_port",
         "min_free_bytes",
+        "cart_timeout_per_file",
+        "cart_timeout_rate",
     ):
         if getattr(settings, name) < 0:
             raise ValueError(f"{name} must not be negative")

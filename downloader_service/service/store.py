@@ -741,7 +741,7 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "event": dumps(dict(new.event)),
-        "files": dumps([file.as_cartd() for file in new.files]),
+        "files": dumps([{**file.as_cartd(), "size": file.size} for file in new.files]),
     }
     if new.error is not None:
         row.update(_error_values(new.error), finished_at=now)
