@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,10 +38,12 @@ class DownloadResult:
     cart_url: str
     seconds: float
     staging_seconds: float = field(default=0.0)
+    # Files that were at the target already with the right checksum, so not asked of Cartd.
+    skipped: int = field(default=0)
 
     @property
     def file_count(self) -> int:
-        """How many files were written."""
+        """How many files are in place (written now, or found there already and verified)."""
         return len(self.files)
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,6 +78,9 @@ class Downloader:
         a :class:`DownloadProgress` to notify;
     ``chunk_size``
         bytes read and written at a time (64 KiB);
+    ``skip_present``
+        files already at the target with the right checksum are not asked of Cartd again
+        (True): a re-run fetches only what is missing or changed;
 
     and every :class:`CartAPI` keyword (``session``, ``auth``, ``connect_timeout``,
     ``read_timeout``, ``poll_interval``, ``poll_max_interval``, ``clock``, ``sleep``).
@@ -97,6 +104,7 @@ class Downloader:
         self._deletions_lock = threading.Lock()
         self.progress: DownloadProgress = kwargs.pop("progress", None) or DownloadProgress()
         self.chunk_size = int(kwargs.pop("chunk_size", DEFAULT_CHUNK_SIZE))
+        self.skip_present = bool(kwargs.pop("skip_present", True))
         self.clock = kwargs.get("clock", time.monotonic)
         self.cart_api = CartAPI(cart_api_url, **kwargs)
 
@@ -125,12 +133,25 @@ class Downloader:
         target = self._location(location)
         check_destination(target, filename, files)  # before the cart: Cartd's work would be lost
         started = self.clock()
-        cart_url = self.cart_api.setup_cart(as_yield_files(files))
-        self.progress.cart_created(cart_url, len(files))
+        present = present_files(target / filename, files) if self.skip_present else {}
+        wanted = [file for file in files if file.path not in present]
+        if not wanted:
+            LOGGER.info("every file is there already", extra={"files": len(files)})
+            return DownloadResult(
+                location=target,
+                root=target / filename,
+                files=tuple(present.values()),
+                bytes=0,
+                cart_url="",
+                seconds=self.clock() - started,
+                skipped=len(present),
+            )
+        cart_url = self.cart_api.setup_cart(as_yield_files(wanted))
+        self.progress.cart_created(cart_url, len(wanted))
         try:
-            self.cart_api.wait_for_cart(cart_url, self.staging_timeout(files), self.progress.cart_status)
+            self.cart_api.wait_for_cart(cart_url, self.staging_timeout(wanted), self.progress.cart_status)
             ready = self.clock()
-            extracted = self._download_from_url(cart_url, filename, files=files, location=target)
+            extracted = self._download_from_url(cart_url, filename, files=wanted, location=target)
         except DownloaderError as exc:
             LOGGER.warning(
                 "download failed",
@@ -142,11 +163,12 @@ class Downloader:
         result = DownloadResult(
             location=target,
             root=extracted.root,
-            files=extracted.files,
+            files=_in_order(files, extracted.root, (*extracted.files, *present.values())),
             bytes=extracted.bytes,
             cart_url=cart_url,
             seconds=self.clock() - started,
             staging_seconds=ready - started,
+            skipped=len(present),
         )
         LOGGER.info(
             "download finished",
@@ -223,6 +245,43 @@ class Downloader:
         if self.location is None:
             raise TypeError("no location: pass Downloader(location, ...) or location=...")
         return self.location
+
+
+def _in_order(files: Sequence[CartFile], root: Path, paths: Sequence[Path]) -> tuple[Path, ...]:
+    """``paths`` in the order the files were asked for (unknown ones last, as they came)."""
+    rank = {file.path: index for index, file in enumerate(files)}
+    return tuple(sorted(paths, key=lambda path: rank.get(path.relative_to(root).as_posix(), len(rank))))
+
+
+def present_files(root: Path, files: Sequence[CartFile]) -> dict[str, Path]:
+    """The files already at ``root`` (``location/filename``) with the right checksum, by path.
+
+    Only regular files reached without a symbolic link count; a ``size`` that differs rules a
+    file out before it is read. Anything else is downloaded again (and a changed file kept
+    beside the new one, as the commit does).
+    """
+    found: dict[str, Path] = {}
+    real_root = os.path.realpath(root)
+    for file in files:
+        path = root / file.path
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or os.path.realpath(path) != os.path.join(real_root, file.path):
+            continue
+        if file.size is not None and info.st_size != file.size:
+            continue
+        digest = hashlib.new(file.hashtype)
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            continue
+        if digest.hexdigest() == file.hashsum:
+            found[file.path] = path
+    return found
 
 
 def _legacy_call(document: Any, filename: Any, location: Any) -> tuple[Mapping[str, Any], str, Any]:

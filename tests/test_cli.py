@@ -393,3 +393,18 @@ def _received(event_id: str, files: list[dict[str, Any]]) -> Any:
 
     event = make_event(files, event_id=event_id)
     return ReceivedEvent(event_id, event["source"], event["eventType"], "notifications-0.1", event["data"])
+
+
+def test_a_rerun_fetches_only_what_is_missing_or_changed(
+    tmp_path: Path, fake_cartd: FakeCartd, event_file: Path
+) -> None:
+    out = str(tmp_path / "out")
+    args = ("download", "event", str(event_file), out, "--json", "--cart-url", fake_cartd.url)
+    assert run(*args).returncode == 0
+    (tmp_path / "out/data/bar.txt").unlink()
+    again = run(*args)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert (summary["files"], summary["already_there"]) == (2, 1)
+    assert [obj["path"] for obj in list(fake_cartd.carts.values())[-1].fileids] == ["bar.txt"]
+    assert (tmp_path / "out/data/bar.txt").read_bytes() == BAR

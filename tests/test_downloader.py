@@ -219,6 +219,9 @@ def test_cloudevent_again_into_the_same_location_keeps_only_changed_files(
     downloader.cloudevent(event)
     (tmp_path / "dl/data/bar.txt").write_bytes(b"edited by a scientist")
     result = downloader.cloudevent(event)
+    # Only the changed file was asked of Cartd; the other was there with the right checksum.
+    assert [obj["path"] for obj in list(fake_cartd.carts.values())[-1].fileids] == ["bar.txt"]
+    assert result.skipped == 1
     assert listing(tmp_path / "dl") == [
         "data",
         "data/a",
@@ -277,5 +280,19 @@ def test_a_cart_still_staging_past_the_base_wait_is_not_abandoned_early(
     assert (tmp_path / "dl/data/bar.txt").read_bytes() == BAR
     fake_cartd.head = lambda cart: (202, "staging", "")
     with pytest.raises(CartTimeoutError) as info:
-        downloader.cloudevent({**event, "eventID": "again"})
+        downloader.cloudevent(event, location=tmp_path / "elsewhere")
     assert info.value.timeout == pytest.approx(0.8, abs=0.01)  # and 20 kB at 50 MB/s
+
+
+def test_a_rerun_with_everything_in_place_asks_cartd_for_nothing(
+    tmp_path: Path, fake_cartd: FakeCartd, event: dict[str, Any]
+) -> None:
+    downloader = Downloader(tmp_path / "dl", fake_cartd.url)
+    first = downloader.cloudevent(event)
+    carts = len(fake_cartd.carts)
+    again = downloader.cloudevent(event)
+    assert len(fake_cartd.carts) == carts  # no cart at all
+    assert (again.skipped, again.bytes, again.cart_url) == (2, 0, "")
+    assert again.files == first.files
+    everything = Downloader(tmp_path / "dl", fake_cartd.url, skip_present=False).cloudevent(event)
+    assert everything.skipped == 0 and len(fake_cartd.carts) == carts + 1

@@ -52,7 +52,9 @@ def test_transactioninfo_downloads_verified_files(
     transinfo = {
         "files": {str(f["_id"]): {k: f[k] for k in ("name", "subdir", "hashtype", "hashsum")} for f in files}
     }
-    result = Downloader(tmp_path, pacifica_stack.cartd_url).transactioninfo(transinfo)
+    downloader = Downloader(tmp_path, pacifica_stack.cartd_url)
+    result = downloader.transactioninfo(transinfo)
+    assert downloader.wait_for_deletes(30)  # the result came first; the DELETE follows
     assert (tmp_path / "data/a/b/foo.txt").read_bytes() == foo
     assert (tmp_path / "data/bar.txt").read_bytes() == bar
     assert result.bytes == len(foo) + len(bar)
@@ -91,7 +93,7 @@ def test_wrong_hashsum_is_cart_failed_with_cartds_message(
     obj = stored(pacifica_stack, file_ids, b"real content", "x.txt")
     obj["hashsum"] = hashlib.sha1(b"other content").hexdigest()
     with pytest.raises(CartFailedError, match="File hash does not match") as info:
-        Downloader(tmp_path, pacifica_stack.cartd_url).cloudevent(make_event([obj]))
+        Downloader(tmp_path, pacifica_stack.cartd_url, delete_cart="wait").cloudevent(make_event([obj]))
     assert cart_gone(info.value.url)
     assert list(tmp_path.iterdir()) == []
 

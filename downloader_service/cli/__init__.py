@@ -285,6 +285,7 @@ def _report(result: DownloadResult, args: argparse.Namespace) -> None:
         summary = {
             "destination": str(result.root.resolve()),
             "files": result.file_count,
+            "already_there": result.skipped,
             "bytes": result.bytes,
             "seconds": round(result.seconds, 3),
             "cart_url": result.cart_url,
@@ -292,7 +293,8 @@ def _report(result: DownloadResult, args: argparse.Namespace) -> None:
         print(json.dumps(summary))
     elif not args.quiet:
         where = result.root.resolve()
-        print(f"{result.file_count} files, {result.bytes} bytes in {result.seconds:.2f} s -> {where}")
+        there = f" ({result.skipped} already there)" if result.skipped else ""
+        print(f"{result.file_count} files{there}, {result.bytes} bytes in {result.seconds:.2f} s -> {where}")
 
 
 def _close(progress: DownloadProgress) -> None:
