@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -45,8 +46,9 @@ class CartFile:
     path: str
     hashtype: str
     hashsum: str
-    # The metadata's ``size`` when it gives a sane one: it only sizes the wait for staging.
-    size: int | None = None
+    # The metadata's ``size`` when it gives a sane one: advice (the wait for staging, a quick
+    # check of a file already in place), not identity, so two files compare without it.
+    size: int | None = dataclasses.field(default=None, compare=False)
 
     def as_cartd(self) -> CartdFile:
         """Return the object Cartd expects in its ``fileids`` list."""

@@ -258,3 +258,21 @@ def test_a_download_root_removed_while_running_is_a_retryable_storage_error(
     clock.now += 6
     done = worker.run_once()
     assert done is not None and done.state == "done" and done.attempts == 2
+
+
+def test_a_job_that_keeps_killing_its_workers_fails_instead_of_killing_more(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    from downloader_service.service.worker import MAX_WORKER_DEATHS
+
+    job_id = add_job(store, fake_cartd)
+    for death in range(MAX_WORKER_DEATHS):
+        taken = store.claim(f"doomed-{death}", 30)  # each of these workers dies (kill -9, OOM)
+        assert taken is not None and taken.deaths == death
+        clock.now += 31
+    last = make_worker(store, make_settings(tmp_path, fake_cartd.url), clock).run_once()
+    assert last is not None and last.id == job_id
+    assert last.state == "failed"
+    assert last.error is not None and last.error.kind == "worker_died" and not last.error.retryable
+    assert last.summary()["worker_deaths"] == MAX_WORKER_DEATHS
+    assert fake_cartd.carts == {}  # it was not tried again

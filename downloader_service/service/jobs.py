@@ -46,6 +46,11 @@ REJECTED: Final = "rejected"
 STATES: Final = (QUEUED, RUNNING, DONE, FAILED, REJECTED)
 FINISHED: Final = frozenset({DONE, FAILED, REJECTED})
 
+
+class WorkerDiedError(DownloaderError):
+    """A job's attempts keep ending with their worker dead: no retry, an operator decides."""
+
+
 # Error class -> kind, the word logs, metrics, job records and answers use. The first match
 # wins, so subclasses come first.
 ERROR_KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
@@ -54,6 +59,7 @@ ERROR_KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
     (NoFilesError, "no_files"),
     (InvalidEventError, "invalid_event"),
     (ServiceBusyError, "busy"),
+    (WorkerDiedError, "worker_died"),
     (CartTimeoutError, "cart_timeout"),
     (CartGoneError, "cart_gone"),
     (CartFailedError, "cart_failed"),
@@ -121,6 +127,7 @@ class Job:
     error: JobError | None = None
     finished_at: float | None = None
     removed_at: float | None = None
+    deaths: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -140,6 +147,7 @@ class Job:
             "source": self.source,
             "state": self.state,
             "attempts": self.attempts,
+            **({"worker_deaths": self.deaths} if self.deaths else {}),
             "created": _iso(self.created_at),
             "updated": _iso(self.updated_at),
         }

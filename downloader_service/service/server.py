@@ -98,7 +98,7 @@ def run_worker(settings: Settings) -> None:
     """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
     configure_json_logging(settings.log_level)
     store = open_store(
-        settings.database(), upgrade=settings.db_upgrade, max_overflow=max(4, settings.workers)
+        settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4
     )
     worker = Worker(store, downloader_factory(settings), settings, ServiceMetrics())
     worker.metrics = ServiceMetrics({"owner": worker.owner, "role": "worker"})

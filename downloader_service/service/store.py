@@ -98,9 +98,13 @@ jobs = Table(
     Column("error_retryable", Boolean),
     Column("error_context", Text),
     Column("removed_at", Float),
+    # Attempts that ended with their worker dead (lease run out): a job that keeps killing
+    # its workers (out of memory, a crash) must not take them all down for ever.
+    Column("deaths", Integer, nullable=False, server_default="0"),
     UniqueConstraint("source", "event_id", name="uq_jobs_source_event_id"),
     Index("ix_jobs_state_run_at", "state", "run_at"),
     Index("ix_jobs_created_at", "created_at"),
+    Index("ix_jobs_state_lease_expires", "state", "lease_expires"),
 )
 
 
@@ -283,10 +287,10 @@ class JobStore:
                     self._insert(jobs)
                     .values(**_new_row(new, now))
                     .on_conflict_do_nothing(index_elements=["source", "event_id"])
-                    .returning(jobs.c.id)
+                    .returning(*jobs.c)
                 ).first()
                 if inserted is not None:
-                    answers.append((_job(_select_one(conn, jobs.c.id == new.id)), True))
+                    answers.append((_job(inserted), True))
                     continue
                 existing = _job(
                     _select_one(conn, and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id))
@@ -300,34 +304,40 @@ class JobStore:
 
     # ----------------------------------------------------------------- workers
     def claim(self, owner: str, lease: float) -> Job | None:
-        """Take the next job that is due, or one whose worker's lease ran out."""
+        """Take a job whose worker's lease ran out, else the next job that is due.
+
+        Two queries, each walking an index in order and stopping at its first row (an OR of
+        both would scan and sort every due row: 183 ms a claim with 100,000 queued).
+        """
         now = self.clock()
-        due = or_(
-            and_(jobs.c.state == QUEUED, jobs.c.run_at <= now),
-            and_(jobs.c.state == RUNNING, jobs.c.lease_expires < now),
-        )
-        candidate = (
-            select(jobs.c.id)
-            .where(due)
-            .order_by(jobs.c.run_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
+        orphaned = (jobs.c.state == RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
+        due = (jobs.c.state == QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
         with self._write() as conn:
-            row = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == candidate)
-                .values(
-                    state=RUNNING,
-                    lease_owner=owner,
-                    lease_expires=now + lease,
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=now,
+            for state, ready, order, died in (orphaned, due):
+                candidate = (
+                    select(jobs.c.id)
+                    .where(state, ready)
+                    .order_by(order)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                    .scalar_subquery()
                 )
-                .returning(*jobs.c)
-            ).first()
-        return None if row is None else _job(row)
+                row = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == candidate)
+                    .values(
+                        state=RUNNING,
+                        lease_owner=owner,
+                        lease_expires=now + lease,
+                        attempts=jobs.c.attempts + 1,
+                        deaths=jobs.c.deaths + died,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
+                ).first()
+                if row is not None:
+                    return _job(row)
+        return None
 
     def renew(self, job_ids: Iterable[str], owner: str, lease: float) -> set[str]:
         """Extend the leases ``owner`` holds; returns the ids it still holds."""
@@ -802,6 +812,7 @@ def _job(row: Any) -> Job:
         error=error,
         finished_at=row.finished_at,
         removed_at=row.removed_at,
+        deaths=row.deaths,
     )
 
 

@@ -32,7 +32,7 @@ from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
 from .events import Deliverer, cart_deletion, completion_notice
-from .jobs import Job, JobError
+from .jobs import Job, JobError, WorkerDiedError
 from .layout import apply_umask, render, write_beside
 from .metrics import ServiceMetrics
 from .retry import RetryPolicy
@@ -43,6 +43,8 @@ LOGGER = logging.getLogger(__name__)
 
 ATTEMPT_PREFIX = ".attempt-"
 RETENTION_SWEEP_SECONDS = 60.0
+# A job whose attempts ended with their worker dead this often fails instead of killing more.
+MAX_WORKER_DEATHS = 5
 
 DownloaderFactory = Callable[[DownloadProgress], Downloader]
 
@@ -221,6 +223,14 @@ class Worker:
         self._clean_attempt(job.attempt_path, job.cart_url, job.download_path)
         path = self.attempt_path(job)
         log = {"job_id": job.id, "event_id": job.event_id, "attempt": job.attempts}
+        if job.deaths >= MAX_WORKER_DEATHS:
+            error = WorkerDiedError(
+                f"{job.deaths} attempts of this job ended with their worker dead (killed, out of "
+                "memory, a crash); it is not tried again without an operator",
+                deaths=job.deaths,
+            )
+            self._failed(job, error, log, [])
+            return
         if not self.store.note_attempt(job.id, self.owner, attempt_path=path, cart_url=None):
             LOGGER.warning("lost the job before it started", extra=log)
             return
@@ -282,9 +292,10 @@ class Worker:
         notice = completion_notice(self.settings, job, summary, path, self.host)
         notices += [notice] if notice is not None else []
         if not self.store.finish(job.id, self.owner, path, self.host, summary, notices):
-            # Another worker took the job over while this one was slow: its attempt counts.
-            shutil.rmtree(path, ignore_errors=True)
-            LOGGER.warning("finished a job whose lease was lost; its download was removed", extra=log)
+            # Another worker took the job over while this one was slow, and owns what is at
+            # `path` now: it removed this attempt's directory when it claimed the job, and may
+            # have published its own there since. Touch nothing; the new owner's record counts.
+            LOGGER.warning("finished a job whose lease was lost; the new owner's download counts", extra=log)
             return
         LOGGER.info("event downloaded", extra={**log, "download_path": path, **summary})
         self.metrics.job_done(result.file_count, result.bytes, seconds, time.time() - job.created_at)
