@@ -54,11 +54,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from devstack.pacifica import free_port  # noqa: E402
+from devstack.postgres import PostgresServer  # noqa: E402
 from downloader_service.service.jobs import DONE  # noqa: E402
 from downloader_service.service.store import JobStore  # noqa: E402
 from tests.events import file_obj, make_event  # noqa: E402
 from tests.fakecartd import Cart, FakeCartd  # noqa: E402
-from tests.postgres_server import PostgresServer  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVICE_EXE = REPO / ".venv" / "bin" / "downloader-service"
@@ -791,7 +791,7 @@ def machine() -> list[str]:
     return [
         f"- {os.cpu_count()} cores ({cpu}), {platform.machine()}, Python {platform.python_version()}",
         "- everything on 127.0.0.1: `downloader-service` processes, PostgreSQL "
-        "(tests/postgres_server.py: fsync on, synchronous_commit on, shared_buffers 32MB), the Cartd "
+        "(devstack/postgres.py: fsync on, synchronous_commit on, shared_buffers 32MB), the Cartd "
         "stand-in (tests/fakecartd.py, in the benchmark process) and the clients",
     ]
 

@@ -88,6 +88,43 @@ _filesystem.Channel._put = _atomic_put
 """
 
 
+def write_cherrypy_config(path: Path, threads: int) -> None:
+    """A CherryPy config for a Pacifica REST service: MethodDispatcher, no autoreload."""
+    path.write_text(
+        "[global]\n"
+        "log.screen = True\n"
+        "engine.autoreload.on = False\n"
+        "checker.on = False\n"
+        f"server.thread_pool = {threads}\n"
+        "server.socket_timeout = 60\n"
+        "\n[/]\n"
+        "request.dispatch = cherrypy.dispatch.MethodDispatcher()\n",
+        encoding="utf-8",
+    )
+
+
+def write_celery_config(path: Path, broker_dir: Path, what: str) -> None:
+    """A Celery config module: kombu's filesystem broker in ``broker_dir``, publishing atomically."""
+    queue = str(broker_dir / "queue")
+    options = {
+        "data_folder_in": queue,
+        "data_folder_out": queue,
+        "control_folder": str(broker_dir / "control"),
+        # Keep consumed messages out of the shared temp dir (and out of other stacks' way).
+        "store_processed": True,
+        "processed_folder": str(broker_dir / "processed"),
+        # The virtual transport sleeps this long whenever its queues are empty (default 1 s).
+        "polling_interval": POLL_INTERVAL,
+    }
+    path.write_text(
+        f'"""Celery settings for {what} (written by devstack)."""\n'
+        f"broker_transport_options = {options!r}\n"
+        "broker_connection_retry_on_startup = True\n"
+        "worker_hijack_root_logger = True\n" + _ATOMIC_BROKER_PUT,
+        encoding="utf-8",
+    )
+
+
 def free_port(host: str = HOST) -> int:
     """A TCP port that is free on ``host`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -277,35 +314,8 @@ class PacificaStack:
             "backend_url = cache+memory://\n",
             encoding="utf-8",
         )
-        (cfg / "cartd-cherrypy.ini").write_text(
-            "[global]\n"
-            "log.screen = True\n"
-            "engine.autoreload.on = False\n"
-            "checker.on = False\n"
-            "server.thread_pool = 8\n"
-            "server.socket_timeout = 60\n"
-            "\n[/]\n"
-            "request.dispatch = cherrypy.dispatch.MethodDispatcher()\n",
-            encoding="utf-8",
-        )
-        queue = str(self.broker_dir / "queue")
-        options = {
-            "data_folder_in": queue,
-            "data_folder_out": queue,
-            "control_folder": str(self.broker_dir / "control"),
-            # Keep consumed messages out of the shared temp dir (and out of other stacks' way).
-            "store_processed": True,
-            "processed_folder": str(self.broker_dir / "processed"),
-            # The virtual transport sleeps this long whenever its queues are empty (default 1 s).
-            "polling_interval": POLL_INTERVAL,
-        }
-        (cfg / f"{CELERY_CONFIG_MODULE}.py").write_text(
-            '"""Celery settings for the Pacifica test stack (written by devstack/pacifica.py)."""\n'
-            f"broker_transport_options = {options!r}\n"
-            "broker_connection_retry_on_startup = True\n"
-            "worker_hijack_root_logger = True\n" + _ATOMIC_BROKER_PUT,
-            encoding="utf-8",
-        )
+        write_cherrypy_config(cfg / "cartd-cherrypy.ini", threads=8)
+        write_celery_config(cfg / f"{CELERY_CONFIG_MODULE}.py", self.broker_dir, "the Pacifica Cartd stack")
 
     def _env(self) -> dict[str, str]:
         env = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real Pacifica Cartd + Archive Interface + Notifications into a separate
 # virtualenv, for the integration tests (devstack/pacifica.py and
-# tests/notifications_stack.py start them on 127.0.0.1).
+# devstack/notifications.py start them on 127.0.0.1).
 #
 #   scripts/install-pacifica-stack.sh            # venv at $PACIFICA_VENV or <repo>/.venv-pacifica
 #   PACIFICA_VENV=/some/dir scripts/install-pacifica-stack.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a PostgreSQL server for the integration tests (tests/postgres_server.py runs its
+# Install a PostgreSQL server for the integration tests (devstack/postgres.py runs its
 # own throw-away cluster on 127.0.0.1; nothing here configures or starts a server).
 #
 #   scripts/install-postgres.sh        # as root (CI on a fresh Debian 12)

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.notifications import NotificationsStack
 from devstack.pacifica import PacificaStack
+from devstack.postgres import PostgresServer
 from tests.fakecartd import FakeCartd
-from tests.notifications_stack import NotificationsStack
-from tests.postgres_server import PostgresServer
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -29,12 +29,12 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.postgres import PostgresServer
 from downloader_service.service.jobs import DONE
 from downloader_service.service.store import JobStore
 from tests.conftest import served, working
 from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd
-from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.integration
 

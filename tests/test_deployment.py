@@ -25,10 +25,10 @@ import pytest
 import requests
 import yaml
 
+from devstack.notifications import INGEST_JSONPATH, NotificationsStack, ingest_jsonpath
 from downloader_service.service.settings import describe, settings_from_env
 from tests.conftest import free_port
 from tests.events import file_obj, make_event
-from tests.notifications_stack import INGEST_JSONPATH, NotificationsStack, ingest_jsonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN = {row[0] for row in describe()}
@@ -255,7 +255,7 @@ def test_compose_subscription_targets_the_downloader(model: dict[str, Any]) -> N
     target = urlsplit(env["SUBSCRIPTION_TARGET_URL"])
     assert (target.scheme, target.hostname, target.port) == ("http", "downloader", downloader.port)
     assert downloader.host == "0.0.0.0"  # reachable from the Notifications workers' container
-    # The rule routes the ingest events the downloader accepts (tests/notifications_stack.py).
+    # The rule routes the ingest events the downloader accepts (devstack/notifications.py).
     assert env["SUBSCRIPTION_JSONPATH"] == INGEST_JSONPATH
     assert "org.pacifica.metadata.ingest" in downloader.event_types
     notifications = urlsplit(env["NOTIFICATIONS_URL"])

@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 import requests
 
+from devstack.notifications import NotificationsStack, ingest_jsonpath
 from devstack.pacifica import PacificaStack, _tail
+from devstack.postgres import PostgresServer
 from tests.conftest import served
 from tests.events import file_obj, make_event
-from tests.notifications_stack import NotificationsStack, ingest_jsonpath
-from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from devstack.notifications import NotificationsStack, ingest_jsonpath
+from devstack.postgres import PostgresServer
 from tests.conftest import load_fixture
-from tests.notifications_stack import NotificationsStack, ingest_jsonpath
-from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.integration
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from devstack.postgres import PostgresServer
 from downloader_service.cartfile import CartFile
 from downloader_service.errors import CartUnavailableError
 from downloader_service.service.jobs import JobError
 from downloader_service.service.store import JobStore, NewJob, SchemaError, open_store
-from tests.postgres_server import PostgresServer
 
 FILE = CartFile("34", "a/b/foo.txt", "sha1", "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15")
 _databases = itertools.count()

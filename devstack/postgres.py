@@ -447,7 +447,7 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
-if __name__ == "__main__":  # manual check: python -m tests.postgres_server
+if __name__ == "__main__":  # manual check: python -m devstack.postgres
     with tempfile.TemporaryDirectory() as tmp, PostgresServer(Path(tmp)) as server:
         print(f"started in {server.startup_seconds:.2f} s: {server.url}", file=sys.stderr)
         print(server.psql("select version()"))

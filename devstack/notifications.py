@@ -1,7 +1,7 @@
 """Run the real pacifica-notifications 0.5.2 sender on 127.0.0.1 for tests.
 
 It comes from the virtualenv made by ``scripts/install-pacifica-stack.sh`` and needs a
-PostgreSQL database (``tests/postgres_server.py``; on SQLite its ``dbsync`` fails). Started
+PostgreSQL database (``devstack/postgres.py``; on SQLite its ``dbsync`` fails). Started
 here: ``pacifica-notifications-cmd dbsync``, the REST server, one Celery worker, and a Policy
 stand-in (a thread in this process answering ``POST /events/<user>`` with 200, or with
 ``stack.policy.status``). The broker is kombu's ``filesystem://`` transport
@@ -45,13 +45,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devstack.pacifica import (
-    _ATOMIC_BROKER_PUT,
     HOST,
     POLL_INTERVAL,
     _ini_value,
     _Process,
     _tail,
     free_port,
+    write_celery_config,
+    write_cherrypy_config,
 )
 
 T = TypeVar("T")
@@ -223,33 +224,8 @@ class NotificationsStack:
             f"backend_url = file://{_ini_value(self.results_dir)}\n",
             encoding="utf-8",
         )
-        (cfg / "notifications-cherrypy.ini").write_text(
-            "[global]\n"
-            "log.screen = True\n"
-            "engine.autoreload.on = False\n"
-            "checker.on = False\n"
-            "server.thread_pool = 16\n"
-            "server.socket_timeout = 60\n"
-            "\n[/]\n"
-            "request.dispatch = cherrypy.dispatch.MethodDispatcher()\n",
-            encoding="utf-8",
-        )
-        queue = str(self.broker_dir / "queue")
-        options = {
-            "data_folder_in": queue,
-            "data_folder_out": queue,
-            "control_folder": str(self.broker_dir / "control"),
-            "store_processed": True,
-            "processed_folder": str(self.broker_dir / "processed"),
-            "polling_interval": POLL_INTERVAL,
-        }
-        (cfg / f"{CELERY_CONFIG_MODULE}.py").write_text(
-            '"""Celery settings for the Notifications test stack (tests/notifications_stack.py)."""\n'
-            f"broker_transport_options = {options!r}\n"
-            "broker_connection_retry_on_startup = True\n"
-            "worker_hijack_root_logger = True\n" + _ATOMIC_BROKER_PUT,
-            encoding="utf-8",
-        )
+        write_cherrypy_config(cfg / "notifications-cherrypy.ini", threads=16)
+        write_celery_config(cfg / f"{CELERY_CONFIG_MODULE}.py", self.broker_dir, "pacifica-notifications")
 
     def _env(self) -> dict[str, str]:
         env = {
