@@ -24,7 +24,8 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
@@ -68,6 +69,9 @@ _RECORD_KINDS = {
 # The staging directory is ``.<filename>.part-`` and 8 random characters.
 _STAGING_EXTRA = len("..part-") + 8
 MAX_FILENAME_BYTES = NAME_MAX - _STAGING_EXTRA
+# A bundled cart whose stream breaks is asked again from where the verified data ends, at
+# most this many times per download; then the interruption is the error.
+DEFAULT_MAX_RESUMES = 5
 _MISSING_SHOWN = 5
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -77,6 +81,17 @@ class Readable(Protocol):
 
     def read(self, size: int = -1) -> bytes:
         """Read up to ``size`` bytes, ``b""`` at the end."""
+
+
+class RangeReadable(Readable, Protocol):
+    """A stream of the tar from byte ``start`` on (0: the whole tar)."""
+
+    start: int
+
+
+# resume(offset) opens the tar again from byte ``offset`` (a ``Range`` request); the stream's
+# ``start`` says where it really starts: ``offset``, or 0 if the server sent the whole tar.
+Resume = Callable[[int], AbstractContextManager[RangeReadable]]
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,10 @@ def extract_cart(
     files: Sequence[CartFile] | None,
     progress: DownloadProgress | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    top: str | None = None,
+    resume: Resume | None = None,
+    max_resumes: int = DEFAULT_MAX_RESUMES,
 ) -> ExtractResult:
     """Extract the cart's tar from ``stream`` into ``location/filename``.
 
@@ -142,17 +161,27 @@ def extract_cart(
     parent directories; anything else is an :class:`UnsafeArchiveError` naming the member.
     With ``files=None`` any regular files and directories under ``filename/`` are taken,
     unverified; links, devices and escaping paths are still refused.
+
+    ``top`` is another name the tar's top directory may have (a bundled cart's is the cart's
+    uid): its members are placed, and checked, as if they were under ``filename/``.
+
+    With ``resume``, a stream that breaks (:class:`DownloadInterruptedError`) is opened again
+    from the header of the first member not yet written and verified, at most
+    ``max_resumes`` times; a file cut midway is discarded and fetched again whole. If the
+    server sends the whole tar instead, the extraction starts over.
     """
     extractor = _Extractor(
         location, check_destination(location, filename, files), files, progress or DownloadProgress()
     )
+    if top is not None and top != filename:
+        extractor.top = check_filename(top)
     try:
         location.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{filename}.part-", dir=location))
     except OSError as exc:
         raise LocalStorageError(f"cannot write to {location}: {exc}", path=str(location)) from exc
     try:
-        extractor.run(stream, staging, chunk_size)
+        extractor.run(stream, staging, chunk_size, resume, max_resumes)
         return extractor.commit(staging)
     except DownloaderError:
         raise
@@ -234,19 +263,27 @@ class _Extractor:
         for name in self.expected:
             parts = name.split("/")
             self.directories.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        self.top: str | None = None  # another name of the tar's top directory (a bundle's uid)
         self.written: dict[str, Path] = {}
         self.made: set[str] = set()  # directory members already made in staging
         self.bytes = 0
+        # Where the tar can be asked again from: the header after the last member taken whole
+        # (file verified, directory made). ``partial`` is the file being written, if any.
+        self.resume_at = 0
+        self.resumable = True  # False once a global pax header was read: it would be lost
+        self.partial: Path | None = None
+        self.partial_from = 0  # self.bytes when the partial file began
 
-    def run(self, stream: Readable, staging: Path, chunk_size: int) -> None:
+    def run(
+        self,
+        stream: Readable,
+        staging: Path,
+        chunk_size: int,
+        resume: Resume | None = None,
+        max_resumes: int = 0,
+    ) -> None:
         try:
-            with _TarFile.open(fileobj=stream, mode="r|", bufsize=chunk_size) as tar:  # type: ignore[call-overload]
-                while (member := tar.next()) is not None:
-                    if self._check(member):
-                        self._write(tar, member, staging, chunk_size)
-                    elif member.name not in self.made:
-                        (staging / member.name).mkdir(parents=True, exist_ok=True)
-                        self.made.add(member.name)
+            self._stream_all(stream, staging, chunk_size, resume, max_resumes)
         except DownloaderError:
             raise
         # tarfile reports a bad header as TarError, but a hostile pax header (a size or mtime
@@ -266,6 +303,74 @@ class _Extractor:
                 missing=missing,
             )
 
+    def _stream_all(
+        self, stream: Readable, staging: Path, chunk_size: int, resume: Resume | None, max_resumes: int
+    ) -> None:
+        """Parse the tar, opening it again with ``resume`` where the stream broke."""
+        resumes = 0
+        start = 0
+        with contextlib.ExitStack() as reopened:
+            while True:
+                try:
+                    self._parse(stream, start, staging, chunk_size)
+                    return
+                except DownloadInterruptedError as exc:  # the connection, not the tar
+                    if resume is None or resumes >= max_resumes or not self.resumable:
+                        raise
+                    resumes += 1
+                    LOGGER.info(
+                        "cart stream broke, resuming",
+                        extra={"offset": self.resume_at, "resume": resumes, "detail": str(exc)},
+                    )
+                    self._discard_partial()
+                    reopened.close()  # the broken stream we opened, if it was ours
+                    ranged = reopened.enter_context(resume(self.resume_at))
+                    stream, start = ranged, ranged.start
+                    if start != self.resume_at:  # the server sent the whole tar again
+                        self._start_over(staging)
+
+    def _parse(self, stream: Readable, start: int, staging: Path, chunk_size: int) -> None:
+        """Take the members of a tar stream that begins at byte ``start`` of the cart's tar."""
+        with _TarFile.open(fileobj=stream, mode="r|", bufsize=chunk_size) as tar:  # type: ignore[call-overload]
+            while (member := tar.next()) is not None:
+                if tar.global_bytes:
+                    self.resumable = False
+                self._rename_top(member)
+                if self._check(member):
+                    self._write(tar, member, staging, chunk_size)
+                elif member.name not in self.made:
+                    (staging / member.name).mkdir(parents=True, exist_ok=True)
+                    self.made.add(member.name)
+                # In stream mode tar.offset is where the next header starts (data skipped).
+                self.resume_at = start + tar.offset
+
+    def _rename_top(self, member: tarfile.TarInfo) -> None:
+        """Place a member under ``top/`` (a bundle's uid) as if it were under ``filename/``."""
+        if self.top is not None:
+            head, slash, rest = member.name.partition("/")
+            if head == self.top:
+                member.name = self.filename + slash + rest
+
+    def _discard_partial(self) -> None:
+        """Forget the file cut midway: it is fetched again from its header, never trusted."""
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+            self.bytes = self.partial_from
+            self.partial = None
+
+    def _start_over(self, staging: Path) -> None:
+        """The server ignored the range: drop everything staged and take the tar from byte 0."""
+        LOGGER.info("the server sent the whole cart again; starting over")
+        for child in staging.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        self.written.clear()
+        self.made.clear()
+        self.bytes = 0
+        self.resume_at = 0
+
     def _check(self, member: tarfile.TarInfo) -> bool:
         """Refuse an unsafe member; return True for a file to write, False for a directory."""
         name = member.name
@@ -283,7 +388,8 @@ class _Extractor:
         if member.sparse is not None:
             self._refuse(member, "is a sparse file")
         if parts[0] != self.filename:
-            self._refuse(member, f"is outside {echo(self.filename + '/')}")
+            inside = self.filename + "/" if self.top is None else f"{self.top}/ or {self.filename}/"
+            self._refuse(member, f"is outside {echo(inside)}")
         if len(parts) > 1:
             try:
                 check_path(name.partition("/")[2])
@@ -321,6 +427,7 @@ class _Extractor:
         source = tar.extractfile(member)
         if source is None:  # only for non-files, which _check refused; keeps mypy honest
             self._refuse(member, "has no data")
+        self.partial, self.partial_from = target, self.bytes
         with source, open(target, "xb") as out:
             while data := source.read(chunk):
                 if digest is not None:
@@ -340,6 +447,7 @@ class _Extractor:
         with contextlib.suppress(OverflowError, ValueError, OSError):  # an absurd mtime is not fatal
             os.utime(target, (member.mtime, member.mtime))
         self.written[member.name] = target
+        self.partial = None
         self.progress.file_finished(path)
 
     def commit(self, staging: Path) -> ExtractResult:

@@ -88,20 +88,28 @@ class CartAPI:
         """The request keyword arguments sent with every call (upstream's ``auth``)."""
         return self.request_kwargs
 
-    def setup_cart(self, yield_files: YieldFiles) -> str:
-        """Create a cart of the files ``yield_files()`` yields and return the cart's URL."""
+    def setup_cart(self, yield_files: YieldFiles, bundle: bool = False) -> str:
+        """Create a cart of the files ``yield_files()`` yields and return the cart's URL.
+
+        ``bundle=True`` asks Cartd to write the cart as one tar before it is ready: it is then
+        served as a static file (faster, with ``Content-Length`` and byte ranges, so a broken
+        download can resume), and its top directory is the cart's uid, not ``filename``.
+        """
         fileids = [CartFile.from_cartd(obj).as_cartd() for obj in yield_files()]
         cart_url = f"{self.cart_api_url}/{uuid.uuid4()}"
+        document: dict[str, Any] = {"fileids": fileids}
+        if bundle:
+            document["bundle"] = True  # without the key Cartd applies its bundle_task setting
         resp = self._request(
             "POST",
             cart_url,
-            data=json.dumps({"fileids": fileids}),
+            data=json.dumps(document),
             headers={"Content-Type": "application/json"},
         )
         with resp:
             if resp.status_code not in (200, 201, 202):
                 _raise_for_status(resp, cart_url, f"creating the cart ({len(fileids)} files)")
-        LOGGER.info("cart created", extra={"cart_url": cart_url, "files": len(fileids)})
+        LOGGER.info("cart created", extra={"cart_url": cart_url, "files": len(fileids), "bundle": bundle})
         return cart_url
 
     def cart_status(self, cart_url: str) -> tuple[int, str, str]:
@@ -161,15 +169,22 @@ class CartAPI:
             self.sleep(min(interval, remaining))
 
     @contextmanager
-    def open_cart(self, cart_url: str, filename: str = "data") -> Iterator[CartStream]:
-        """Start the GET of a ready cart and yield its body as a file-like stream."""
-        resp = self._request("GET", cart_url, params={"filename": filename}, stream=True)
+    def open_cart(self, cart_url: str, filename: str = "data", offset: int = 0) -> Iterator[CartStream]:
+        """Start the GET of a ready cart and yield its body as a file-like stream.
+
+        With ``offset`` the body is asked from that byte on (``Range: bytes=<offset>-``); the
+        stream's ``start`` says where it really starts: ``offset`` for a 206 whose
+        ``Content-Range`` matches, 0 for a server that ignored the range and sent it all.
+        """
+        headers = {"Range": f"bytes={offset}-"} if offset > 0 else {}
+        resp = self._request("GET", cart_url, params={"filename": filename}, stream=True, headers=headers)
         with resp:
-            if resp.status_code != 200:
+            if resp.status_code not in ((200, 206) if offset > 0 else (200,)):
                 _raise_for_status(resp, cart_url, "downloading the cart")
+            start = _range_start(resp, cart_url, offset) if resp.status_code == 206 else 0
             # Cartd sends a plain tar; a proxy may still gzip it on the way.
             resp.raw.decode_content = True
-            yield CartStream(resp.raw, cart_url)
+            yield CartStream(resp.raw, cart_url, start=start, length=_body_length(resp))
 
     def delete_cart(self, cart_url: str) -> bool:
         """Delete the cart on Cartd; return whether that worked (failure is only logged)."""
@@ -199,12 +214,30 @@ class CartAPI:
 
 
 class CartStream:
-    """The body of a cart download, read in chunks; stream failures become our errors."""
+    """The body of a cart download, read in chunks; stream failures become our errors.
 
-    def __init__(self, raw: Any, url: str) -> None:
+    ``start`` is the offset in the cart's tar of the first byte of this body (not 0 after a
+    ``Range`` request was honoured); ``length`` is the body's announced length, if any, and
+    a body that ends before it is an interruption. ``resumable`` says whether the server
+    serves byte ranges of this body (a bundled cart, served as a static file).
+    """
+
+    def __init__(self, raw: Any, url: str, start: int = 0, length: int | None = None) -> None:
         self._raw = raw
         self.url = url
+        self.start = start
+        self.length = length
         self.bytes_read = 0
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a broken download of this body can go on with a ``Range`` request."""
+        headers = getattr(self._raw, "headers", None) or {}
+        return (
+            self.length is not None
+            and headers.get("Accept-Ranges", "").strip().lower() == "bytes"
+            and headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+        )
 
     def read(self, size: int = -1) -> bytes:
         """Read up to ``size`` bytes; ``b""`` at the end of the body."""
@@ -218,8 +251,38 @@ class CartStream:
                 url=self.url,
                 bytes_read=self.bytes_read,
             ) from exc
+        if not data and size != 0 and self.length is not None and self.bytes_read < self.length:
+            raise DownloadInterruptedError(
+                f"the download of {self.url} ended after {self.bytes_read} of {self.length} bytes",
+                url=self.url,
+                bytes_read=self.bytes_read,
+            )
         self.bytes_read += len(data)
         return data
+
+
+def _body_length(resp: requests.Response) -> int | None:
+    """The ``Content-Length`` of an identity-encoded body, or None."""
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None
+    try:
+        length = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _range_start(resp: requests.Response, url: str, offset: int) -> int:
+    """Check a 206 answers the range asked for (``bytes <offset>-<end>/<total>``)."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip())
+    if match is None or int(match[1]) != offset or int(match[2]) < offset:
+        raise DownloadInterruptedError(
+            f"Cartd answered the range from byte {offset} of {url} with "
+            f"{resp.headers.get('Content-Range', 'no Content-Range')!r}",
+            url=url,
+            bytes_read=0,
+        )
+    return offset
 
 
 def _request_kwargs(auth: Any) -> dict[str, Any]:

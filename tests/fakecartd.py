@@ -76,6 +76,7 @@ class Cart:
     uid: str
     fileids: list[dict[str, str]]
     heads: int = 0
+    bundle: bool = False  # POSTed with "bundle": true
 
 
 @dataclass
@@ -93,6 +94,16 @@ class FakeCartd:
     get_status: int = 200
     chunk: int = 64 * 1024
     deleted: list[str] = field(default_factory=list)
+    # Bundled carts are served as Cartd serves them: a static tar whose top directory is the
+    # uid, with Content-Length and Accept-Ranges, a single ``Range: bytes=N-`` honoured (206)
+    # unless ``honour_range`` is False (then the whole tar, 200).
+    honour_range: bool = True
+    # Tar offsets at which to drop bundle GETs: each GET that would pass the first one left
+    # sends up to it, then the connection is closed (the offset is used up).
+    bundle_cuts: list[int] = field(default_factory=list)
+    # Body bytes sent for GETs in all, and the Range header of each GET ("" for none).
+    bytes_sent: int = 0
+    ranges: list[str] = field(default_factory=list)
     # Runs before a DELETE is answered: a test can make Cartd slow to delete.
     before_delete: Callable[[], object] = field(default=lambda: None)
     server: ThreadingHTTPServer | None = None
@@ -125,7 +136,8 @@ class FakeCartd:
                 fake.requests.append(("POST", self.path))
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
-                fake.carts[self._uid()] = Cart(self._uid(), body["fileids"])
+                bundle = body.get("bundle") is True
+                fake.carts[self._uid()] = Cart(self._uid(), body["fileids"], bundle=bundle)
                 self._reply(fake.post_status, b'{"message": "Cart Processing has begun"}')
 
             def do_HEAD(self) -> None:
@@ -151,6 +163,10 @@ class FakeCartd:
                     self._reply(404 if cart is None else fake.get_status, b'{"message": "no such cart"}')
                     return
                 filename = self.path.partition("filename=")[2] or "data"
+                fake.ranges.append(self.headers.get("Range", ""))
+                if cart.bundle and fake.body is None:
+                    self._static(cart_tar(cart.fileids, fake.contents, cart.uid))
+                    return
                 if fake.body is not None:
                     chunks = fake.body(cart, filename)
                 else:
@@ -163,6 +179,7 @@ class FakeCartd:
                 try:
                     for chunk in chunks:
                         if chunk:
+                            fake.bytes_sent += len(chunk)
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                             self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
@@ -170,6 +187,35 @@ class FakeCartd:
                     pass
                 except CloseConnection:
                     # Drop the connection mid-body, as a crashed server or proxy would.
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _static(self, data: bytes) -> None:
+                start = 0
+                wanted = self.headers.get("Range", "")
+                if fake.honour_range and wanted.startswith("bytes=") and wanted.endswith("-"):
+                    start = int(wanted[len("bytes=") : -1])
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                end = len(data)
+                cuts = [cut for cut in fake.bundle_cuts if cut > start]
+                if cuts:
+                    end = cuts[0]
+                    fake.bundle_cuts.remove(end)
+                for offset in range(start, end, fake.chunk):
+                    piece = data[offset : min(offset + fake.chunk, end)]
+                    fake.bytes_sent += len(piece)
+                    try:
+                        self.wfile.write(piece)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                if end < len(data):
+                    self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
 

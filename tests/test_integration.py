@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3.exceptions
 from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client
@@ -196,3 +197,65 @@ def test_cli_downloads_event_from_real_cartd(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["files"] == 1
     assert (tmp_path / "data/x/cli.bin").read_bytes() == data
+
+
+class _CutFirstBody(requests.adapters.HTTPAdapter):
+    """A transport that breaks the body of the first whole cart GET after ``cut`` bytes."""
+
+    def __init__(self, cut: int) -> None:
+        super().__init__()
+        self.cut = cut
+        self.gets: list[tuple[str, int, str]] = []  # (Range asked, status, Accept-Ranges)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        resp = super().send(request, **kwargs)
+        if request.method == "GET":
+            self.gets.append(
+                (
+                    str(request.headers.get("Range", "")),
+                    resp.status_code,
+                    resp.headers.get("Accept-Ranges", ""),
+                )
+            )
+            if len(self.gets) == 1:
+                resp.raw = _CutRaw(resp.raw, self.cut)
+        return resp
+
+
+class _CutRaw:
+    """A urllib3 response that fails like a dropped connection after ``cut`` bytes."""
+
+    def __init__(self, raw: Any, cut: int) -> None:
+        self._raw = raw
+        self._left = cut
+
+    def read(self, amt: int | None = None, **kwargs: Any) -> bytes:
+        if self._left <= 0:
+            raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead")
+        data: bytes = self._raw.read(min(amt or self._left, self._left), **kwargs)
+        self._left -= len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+def test_bundled_cart_downloads_verifies_and_resumes_with_range(
+    pacifica_stack: PacificaStack, file_ids: Iterator[int], tmp_path: Path
+) -> None:
+    datas = [os.urandom(400_000) for _ in range(5)]
+    files = [stored(pacifica_stack, file_ids, data, f"f{i}.bin", "b") for i, data in enumerate(datas)]
+    session = requests.Session()
+    transport = _CutFirstBody(cut=1_700_000)  # inside the fifth file
+    session.mount("http://", transport)
+    downloader = Downloader(tmp_path, pacifica_stack.cartd_url, session=session, bundle=True)
+    result = downloader.cloudevent(make_event(files))
+    for i, data in enumerate(datas):
+        assert (tmp_path / f"data/b/f{i}.bin").read_bytes() == data
+    assert result.bytes == 2_000_000
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # neither the uid nor staging
+    # Cartd served the bundle as a static file, and answered the resume with 206.
+    assert transport.gets[0] == ("", 200, "bytes")
+    assert transport.gets[1][0].startswith("bytes=") and transport.gets[1][1] == 206
+    assert len(transport.gets) == 2
+    assert downloader.wait_for_deletes(30)

@@ -523,6 +523,8 @@ def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downl
             cart_timeout=settings.cart_timeout,
             cart_timeout_per_file=settings.cart_timeout_per_file,
             cart_timeout_rate=settings.cart_timeout_rate,
+            bundle=settings.bundle_choice(),
+            bundle_threshold=settings.bundle_threshold,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
             progress=progress,

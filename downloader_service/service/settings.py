@@ -13,7 +13,7 @@ from ..cartapi import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
 )
-from ..downloader import DEFAULT_TIMEOUT_PER_FILE, DEFAULT_TIMEOUT_RATE
+from ..downloader import DEFAULT_BUNDLE_THRESHOLD, DEFAULT_TIMEOUT_PER_FILE, DEFAULT_TIMEOUT_RATE
 from .layout import DEFAULT_LAYOUT, check_layout
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -268,6 +268,21 @@ class Settings:
             "help": "bytes a second of the files' size added to the staging wait (0: none)",
         },
     )
+    bundle: str = field(
+        default="auto",
+        metadata={
+            "env": "DOWNLOADER_BUNDLE",
+            "help": "ask Cartd for bundled carts (served as a file, resumable): auto (from "
+            "DOWNLOADER_BUNDLE_THRESHOLD bytes), true or false",
+        },
+    )
+    bundle_threshold: int = field(
+        default=DEFAULT_BUNDLE_THRESHOLD,
+        metadata={
+            "env": "DOWNLOADER_BUNDLE_THRESHOLD",
+            "help": "total size of an event's files from which auto asks for a bundle",
+        },
+    )
     connect_timeout: float = field(
         default=DEFAULT_CONNECT_TIMEOUT,
         metadata={"env": "CARTD_CONNECT_TIMEOUT", "help": "seconds to connect to Cartd"},
@@ -293,6 +308,10 @@ class Settings:
     log_level: str = field(
         default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
     )
+
+    def bundle_choice(self) -> bool | str:
+        """``bundle`` as the library takes it: ``"auto"``, ``True`` or ``False``."""
+        return "auto" if self.bundle == "auto" else self.bundle == "true"
 
     def umask_bits(self) -> int:
         """``umask`` as a number."""
@@ -394,6 +413,8 @@ def _check(settings: Settings) -> None:
     if settings.retry_max_delay < settings.retry_base:
         raise ValueError("retry_max_delay must not be below retry_base")
     check_layout(settings.layout)
+    if settings.bundle not in ("auto", "true", "false"):
+        raise ValueError(f"bundle must be auto, true or false, not {settings.bundle!r}")
     try:
         if not 0 <= settings.umask_bits() <= 0o777:
             raise ValueError
