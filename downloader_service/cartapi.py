@@ -88,15 +88,17 @@ class CartAPI:
         """The request keyword arguments sent with every call (upstream's ``auth``)."""
         return self.request_kwargs
 
-    def setup_cart(self, yield_files: YieldFiles, bundle: bool = False) -> str:
+    def setup_cart(self, yield_files: YieldFiles, bundle: bool = False, cart_url: str | None = None) -> str:
         """Create a cart of the files ``yield_files()`` yields and return the cart's URL.
 
         ``bundle=True`` asks Cartd to write the cart as one tar before it is ready: it is then
         served as a static file (faster, with ``Content-Length`` and byte ranges, so a broken
         download can resume), and its top directory is the cart's uid, not ``filename``.
+        ``cart_url`` (from :meth:`new_cart_url`) lets a caller record the URL before the cart
+        exists, so that a process dying mid-POST leaves nothing it cannot find again.
         """
         fileids = [CartFile.from_cartd(obj).as_cartd() for obj in yield_files()]
-        cart_url = f"{self.cart_api_url}/{uuid.uuid4()}"
+        cart_url = cart_url or self.new_cart_url()
         document: dict[str, Any] = {"fileids": fileids}
         if bundle:
             document["bundle"] = True  # without the key Cartd applies its bundle_task setting
@@ -111,6 +113,10 @@ class CartAPI:
                 _raise_for_status(resp, cart_url, f"creating the cart ({len(fileids)} files)")
         LOGGER.info("cart created", extra={"cart_url": cart_url, "files": len(fileids), "bundle": bundle})
         return cart_url
+
+    def new_cart_url(self) -> str:
+        """A URL for a new cart (the client chooses the uid: a uuid4, as upstream)."""
+        return f"{self.cart_api_url}/{uuid.uuid4()}"
 
     def cart_status(self, cart_url: str) -> tuple[int, str, str]:
         """Ask Cartd once: ``(HTTP status, X-Pacifica-Status, X-Pacifica-Message)``."""

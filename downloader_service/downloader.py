@@ -168,7 +168,9 @@ class Downloader:
                 skipped=len(present),
             )
         bundle = self.wants_bundle(wanted)
-        cart_url = self.cart_api.setup_cart(as_yield_files(wanted), bundle=bundle)
+        planned = self.cart_api.new_cart_url()
+        self.progress.cart_planned(planned)
+        cart_url = self.cart_api.setup_cart(as_yield_files(wanted), bundle=bundle, cart_url=planned)
         self.progress.cart_created(cart_url, len(wanted))
         try:
             self.cart_api.wait_for_cart(cart_url, self.staging_timeout(wanted), self.progress.cart_status)

@@ -9,6 +9,9 @@ class DownloadProgress:
     Methods are called from the downloading thread, so they must be quick.
     """
 
+    def cart_planned(self, cart_url: str) -> None:
+        """The cart is about to be asked for at ``cart_url`` (record it if you may die)."""
+
     def cart_created(self, cart_url: str, files: int) -> None:
         """The cart was accepted by Cartd."""
 

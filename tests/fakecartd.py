@@ -106,6 +106,8 @@ class FakeCartd:
     ranges: list[str] = field(default_factory=list)
     # Runs before a DELETE is answered: a test can make Cartd slow to delete.
     before_delete: Callable[[], object] = field(default=lambda: None)
+    # Runs before a POST makes its cart: a test can hold Cartd mid-POST.
+    before_post: Callable[[], object] = field(default=lambda: None)
     server: ThreadingHTTPServer | None = None
     thread: threading.Thread | None = None
 
@@ -134,6 +136,7 @@ class FakeCartd:
 
             def do_POST(self) -> None:
                 fake.requests.append(("POST", self.path))
+                fake.before_post()
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
                 bundle = body.get("bundle") is True

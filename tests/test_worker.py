@@ -276,3 +276,25 @@ def test_a_job_that_keeps_killing_its_workers_fails_instead_of_killing_more(
     assert last.error is not None and last.error.kind == "worker_died" and not last.error.retryable
     assert last.summary()["worker_deaths"] == MAX_WORKER_DEATHS
     assert fake_cartd.carts == {}  # it was not tried again
+
+
+def test_the_cart_is_recorded_before_cartd_is_asked_so_a_death_mid_post_leaks_nothing(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
+) -> None:
+    job_id = add_job(store, fake_cartd)
+    in_post, release = threading.Event(), threading.Event()
+    fake_cartd.before_post = lambda: (in_post.set(), release.wait(10))
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url), clock)
+    runner = threading.Thread(target=worker.run_once)
+    runner.start()
+    try:
+        assert in_post.wait(10)
+        # Cartd is making the cart now; a kill -9 here must leave its URL in the job.
+        job = store.get(job_id)
+        assert job is not None and job.cart_url is not None
+        assert job.cart_url.rsplit("/", 1)[1] == fake_cartd.requests[-1][1].lstrip("/")
+    finally:
+        release.set()
+        runner.join(10)
+    done = store.get(job_id)
+    assert done is not None and done.state == "done"

@@ -151,7 +151,10 @@ class Deliverer:
 
     def deliver_once(self) -> Delivery | None:
         """Claim one due event and send it; returns it as claimed, or None if none was due."""
-        delivery = self.store.claim_delivery(self.owner, sum(self.cart_timeout) + 5)
+        # The job lease's length: a deliverer that died is replaced as fast as a worker. One
+        # still sending past it may be joined by another: delivery is at least once (the
+        # same event id, an idempotent DELETE).
+        delivery = self.store.claim_delivery(self.owner, self.settings.lease_seconds)
         if delivery is None:
             return None
         status, error, retryable = self._send(delivery)

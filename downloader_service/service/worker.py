@@ -63,7 +63,13 @@ class _Active:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.cancelled: JobCancelled | None = None
-        self.cart_url: str | None = None
+        self.cart_url: str | None = None  # recorded before the POST ...
+        self.cart_made = False  # ... and whether Cartd answered it
+
+    @property
+    def made_cart(self) -> str | None:
+        """The cart to delete after this attempt: only one Cartd said it made."""
+        return self.cart_url if self.cart_made else None
 
     def cancel(self, reason: str, release: bool) -> None:
         if self.cancelled is None:
@@ -81,8 +87,14 @@ class _JobProgress(DownloadProgress):
         self.active = active
         self.on_cart = on_cart
 
-    def cart_created(self, cart_url: str, files: int) -> None:
+    def cart_planned(self, cart_url: str) -> None:
+        # Recorded before the POST: if this process dies while Cartd makes the cart, the next
+        # claimer still knows which cart to delete.
         self.on_cart(cart_url)
+        self.active.check()
+
+    def cart_created(self, cart_url: str, files: int) -> None:
+        self.active.cart_made = True
         self.active.check()
 
     def cart_status(self, status: str, message: str) -> None:
@@ -252,15 +264,15 @@ class Worker:
             final = self._publish(job, path)
         except JobCancelled as exc:
             shutil.rmtree(path, ignore_errors=True)
-            if active.cart_url is not None:  # stopping: delete it now, best effort
-                self.make_downloader(DownloadProgress()).cart_api.delete_cart(active.cart_url)
+            if active.made_cart is not None:  # stopping: delete it now, best effort
+                self.make_downloader(DownloadProgress()).cart_api.delete_cart(active.made_cart)
             if exc.release:
                 self.store.release(job.id, self.owner, clean=True)
             LOGGER.warning("download stopped", extra={**log, "reason": str(exc)})
             return
         except Exception as exc:  # noqa: BLE001 - whatever broke, the job records it and retries
             shutil.rmtree(path, ignore_errors=True)
-            self._failed(job, exc, log, cart_deletion(active.cart_url))
+            self._failed(job, exc, log, cart_deletion(active.made_cart))
             return
         self._done(job, final, result, time.monotonic() - started, log)
 
