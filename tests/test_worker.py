@@ -85,7 +85,6 @@ def test_run_once_downloads_and_publishes_under_the_layout(
     assert done.result is not None and done.result["bytes"] == len(DATA)
     assert done.host
     assert fake_cartd.deleted == []  # the job was done before Cartd was asked to delete the cart
-    assert worker.deliverer is not None
     delivery = worker.deliverer.deliver_once()
     assert delivery is not None and delivery.sink == done.result["cart_url"]
     assert fake_cartd.deleted == [done.result["cart_url"].rsplit("/", 1)[1]]

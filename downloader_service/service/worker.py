@@ -139,7 +139,7 @@ class Worker:
         self._last_renewal = time.monotonic()
         self._last_sweep = 0.0
         # Delivers completion events (with a sink) and deletes finished attempts' carts.
-        self.deliverer: Deliverer | None = Deliverer(store, settings, self.owner, self.retry, clock=clock)
+        self.deliverer = Deliverer(store, settings, self.owner, self.retry, clock=clock)
 
     # --------------------------------------------------------------- lifecycle
     def start(self) -> Worker:
@@ -153,8 +153,7 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
         self._threads.append(heartbeat)
-        if self.deliverer is not None:
-            self.deliverer.start()
+        self.deliverer.start()
         return self
 
     def wake(self) -> None:
@@ -169,8 +168,7 @@ class Worker:
         """
         self._stopping.set()
         self._wakeup.set()
-        if self.deliverer is not None:
-            self.deliverer.stop()
+        self.deliverer.stop()
         deadline = time.monotonic() + grace
         for thread in self._threads:
             if thread.name.startswith("download-"):
