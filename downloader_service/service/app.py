@@ -93,7 +93,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     _status, kind = error_status(exc)
     if not isinstance(exc, DownloaderError):
         return {"error": kind, "detail": "internal error"}
-    return {"error": kind, "detail": str(exc), "retryable": exc.retryable, **JobError.of(exc).context}
+    return {**JobError.of(exc).body(), "error": kind}
 
 
 class Service:
@@ -267,6 +267,14 @@ class Service:
         return 200, body
 
 
+def refuse(service: Service, exc: HTTPError) -> dict[str, Any]:
+    """Answer an :class:`HTTPError`: its status and headers, counted; the JSON body to send."""
+    cherrypy.response.status = exc.status
+    cherrypy.response.headers.update(exc.headers)
+    service.metrics.errors.labels(kind=exc.kind).inc()
+    return {"error": exc.kind, "detail": exc.detail}
+
+
 def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
     """Serve a handler's dict as JSON and turn every exception into a JSON error.
 
@@ -283,10 +291,7 @@ def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
                 raise HTTPError(404, "not_found", f"no resource at {cherrypy.request.path_info!r}")
             body = method(self, *args, **kwargs)
         except HTTPError as exc:
-            cherrypy.response.status = exc.status
-            cherrypy.response.headers.update(exc.headers)
-            body = {"error": exc.kind, "detail": exc.detail}
-            service.metrics.errors.labels(kind=exc.kind).inc()
+            body = refuse(service, exc)
         except Exception as exc:
             status, kind = error_status(exc)
             if not isinstance(exc, DownloaderError):
@@ -441,11 +446,8 @@ class Root:
             self.service.check_auth(params)
         except HTTPError as exc:
             # A 401 with its challenge: the browser asks for basic auth credentials.
-            cherrypy.response.status = exc.status
-            cherrypy.response.headers.update(exc.headers)
             cherrypy.response.headers["Content-Type"] = JSON_TYPE
-            self.service.metrics.errors.labels(kind=exc.kind).inc()
-            return json.dumps({"error": exc.kind, "detail": exc.detail}).encode()
+            return json.dumps(refuse(self.service, exc)).encode()
         return page.respond(self.service.store, params)
 
     @json_handler

@@ -100,6 +100,10 @@ class JobError:
             return cls(error_kind(exc), str(exc), exc.retryable, context)
         return cls("internal_error", f"{type(exc).__name__}: {exc}"[:2000], True, {})
 
+    def body(self) -> dict[str, Any]:
+        """The error as every JSON answer carries it: kind, detail, retryable, context."""
+        return {"error": self.kind, "detail": self.detail, "retryable": self.retryable, **self.context}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -169,12 +173,7 @@ class Job:
                 seconds=self.result.get("seconds"),
             )
         if self.error is not None:
-            error = {
-                "error": self.error.kind,
-                "detail": self.error.detail,
-                "retryable": self.error.retryable,
-                **self.error.context,
-            }
+            error = self.error.body()
             # A job that ended badly carries its error flat, as every error answer does; one
             # waiting for a retry says what went wrong last time.
             if self.state in (FAILED, REJECTED):
