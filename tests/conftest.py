@@ -9,17 +9,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from werkzeug.test import Client
 
 from devstack.notifications import NotificationsStack
 from devstack.pacifica import PacificaStack
 from devstack.postgres import PostgresServer
+from downloader_service.service.app import create_app
+from downloader_service.service.settings import settings_from_env
 from tests.fakecartd import FakeCartd
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -44,6 +47,27 @@ def fake_cartd() -> Iterator[FakeCartd]:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+MakeClient = Callable[..., Client]
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
+    """``make(**settings)``: the WSGI app over a fresh store in ``tmp_path``, closed after."""
+    apps = []
+
+    def make(**overrides: Any) -> Client:
+        overrides.setdefault("cartd_url", fake_cartd.url)
+        overrides.setdefault("download_root", str(tmp_path / "root"))
+        overrides.setdefault("state_dir", str(tmp_path / "state"))
+        (tmp_path / "root").mkdir(exist_ok=True)
+        app = create_app(settings_from_env({}, **overrides))
+        apps.append(app)
+        return Client(app)
+
+    yield make
+    for app in apps:
+        app.service.close()
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,8 @@ import pytest
 import requests
 from werkzeug.test import Client, TestResponse
 
-from downloader_service.service.app import create_app
 from downloader_service.service.page import DETAIL_MAX, PAGE_SIZE, wants_html
-from downloader_service.service.settings import settings_from_env
-from tests.conftest import served
+from tests.conftest import MakeClient, served
 from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd
 
@@ -32,26 +30,6 @@ HOSTILE = "<script>alert(1)</script>"
 GOOD, BAD = b"good data\n", b"bad data\n"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-MakeClient = Callable[..., Client]
-
-
-@pytest.fixture
-def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
-    apps = []
-
-    def make(**overrides: Any) -> Client:
-        overrides.setdefault("cartd_url", fake_cartd.url)
-        overrides.setdefault("download_root", str(tmp_path / "root"))
-        overrides.setdefault("state_dir", str(tmp_path / "state"))
-        (tmp_path / "root").mkdir(exist_ok=True)
-        app = create_app(settings_from_env({}, **overrides))
-        apps.append(app)
-        return Client(app)
-
-    yield make
-    for app in apps:
-        app.service.close()
 
 
 def fails_file(file_id: int, message: str = "boom") -> Callable[[Cart], tuple[int, str, str]]:

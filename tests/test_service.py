@@ -4,7 +4,7 @@ import json
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +13,13 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client, TestResponse
 
-from downloader_service.service.app import create_app
-from downloader_service.service.settings import settings_from_env
+from tests.conftest import MakeClient
 from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after
 
 FOO = b"foo\n" * 3000
 BAR = b"bar\n"
 JSON = {"Content-Type": "application/json"}
-
-MakeClient = Callable[..., Client]
-
-
-@pytest.fixture
-def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
-    apps = []
-
-    def make(**overrides: Any) -> Client:
-        overrides.setdefault("cartd_url", fake_cartd.url)
-        overrides.setdefault("download_root", str(tmp_path / "root"))
-        overrides.setdefault("state_dir", str(tmp_path / "state"))
-        (tmp_path / "root").mkdir(exist_ok=True)
-        app = create_app(settings_from_env({}, **overrides))
-        apps.append(app)
-        return Client(app)
-
-    yield make
-    for app in apps:
-        app.service.close()
 
 
 @pytest.fixture
