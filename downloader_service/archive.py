@@ -1,8 +1,10 @@
 """The cart's tar: streamed member by member onto disk, refused if unsafe, verified by hash.
 
-Nothing is held in memory beyond one chunk and one member's headers: a header record (pax
-header, GNU long name) larger than :data:`MAX_HEADER_RECORD` is refused before it is read,
-and tarfile's list of members is emptied as the stream goes. Files are written into a private
+The tar is read by our own small stream parser (tarfile parses each 512-byte header block):
+one thread reads the network into a few reusable buffers and checks headers, a second hashes
+and writes the data, so both cores work. Nothing is held in memory beyond those buffers and
+one member's headers: a header record (pax header, GNU long name) larger than
+:data:`MAX_HEADER_RECORD` is refused before it is read. Files are written into a private
 staging directory beside the target and only moved into place once *every* requested file
 has arrived and matched its checksum, so a failed or interrupted download leaves nothing
 that looks complete, and never touches files already at the target.
@@ -20,15 +22,18 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, overload
 
 from .cartfile import NAME_MAX, PATH_MAX, CartFile, check_path
 from .errors import (
@@ -47,17 +52,19 @@ from .progress import DownloadProgress
 
 LOGGER = logging.getLogger(__name__)
 
-# Bytes read, hashed and written at a time, and tarfile's stream buffer. Every chunk is a new
-# bytes object, and glibc serves allocations of 128 KiB and more with mmap/munmap, so larger
-# chunks page-fault on every read: measured on the real Cartd, 128 KiB to 1 MiB chunks moved
-# ~210 MB/s, 32-64 KiB ~300 MB/s, level with `curl | tar` (benchmarks/README.md).
-DEFAULT_CHUNK_SIZE = 64 << 10
+# The size of each reusable read buffer, and how many there are: the reader fills one from
+# the network while the writer hashes and writes the others, so at most
+# ``_BUFFERS * chunk_size`` bytes of the cart are in memory at once.
+DEFAULT_CHUNK_SIZE = 256 << 10
+_BUFFERS = 4
+# Files smaller than this are hashed and written by the reading thread itself.
+_INLINE_BELOW = 512 << 10
 # The largest header record read into memory: a pax header (Cartd writes one of ~100 bytes plus
 # the path for every member, its mtimes being floats) or a GNU long name. A path we accept is
 # at most 3 KiB, so this is generous; tarfile itself would read gigabytes.
 MAX_HEADER_RECORD = 64 << 10
-# Header records before one member: a pax header, a GNU long name and long link name make 3.
-# tarfile reads them by recursion, so without a bound a chain of them overflows the stack.
+# Header records before one member: a pax header, a GNU long name and long link name make 3;
+# a chain of more is refused rather than read.
 MAX_HEADER_RECORDS = 8
 _RECORD_KINDS = {
     tarfile.XHDTYPE: "pax header",
@@ -73,6 +80,7 @@ MAX_FILENAME_BYTES = NAME_MAX - _STAGING_EXTRA
 # most this many times per download; then the interruption is the error.
 DEFAULT_MAX_RESUMES = 5
 _MISSING_SHOWN = 5
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -94,12 +102,52 @@ class RangeReadable(Readable, Protocol):
 Resume = Callable[[int], AbstractContextManager[RangeReadable]]
 
 
+class PathList(Sequence[Path]):
+    """The paths of files below ``root``, made when asked for.
+
+    A download of many files keeps only the names (strings it holds anyway); a ``Path`` per
+    file, held for the whole download, cost ~400 bytes a file. It compares equal to any
+    sequence of the same paths (a tuple, a list).
+    """
+
+    __slots__ = ("names", "root")
+
+    def __init__(self, root: Path, names: Sequence[str]) -> None:
+        self.root = root
+        self.names = names  # relative to root, with "/"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, index: int) -> Path: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PathList: ...
+
+    def __getitem__(self, index: int | slice) -> Path | PathList:
+        if isinstance(index, slice):
+            return PathList(self.root, self.names[index])
+        return self.root / self.names[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (PathList, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PathList({self.root!r}, {len(self)} files)"
+
+
 @dataclass(frozen=True)
 class ExtractResult:
-    """What an extraction put on disk."""
+    """What an extraction put on disk: ``files`` in the tar's order."""
 
     root: Path
-    files: tuple[Path, ...]
+    files: PathList
     bytes: int
 
 
@@ -194,54 +242,328 @@ def extract_cart(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-class _TarInfo(tarfile.TarInfo):
-    """A TarInfo that checks what a header announces before tarfile reads it."""
-
-    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
-        # tarfile calls this right after parsing each 512-byte header and only then reads what
-        # the header announces: pax records and GNU long names whole, into memory, however
-        # large their declared size; the records before one member recursively.
-        if self.size < 0:
-            self._refuse("declares a negative size")
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            self._refuse("is a sparse file")  # its map is read from any number of blocks
-        kind = _RECORD_KINDS.get(self.type)
-        if kind is not None and isinstance(archive, _TarFile):
-            if self.size > MAX_HEADER_RECORD:
-                self._refuse(f"is a {kind} of {self.size} bytes, more than {MAX_HEADER_RECORD}")
-            archive.records += 1
-            if archive.records > MAX_HEADER_RECORDS:
-                self._refuse(f"is one of more than {MAX_HEADER_RECORDS} header records in a row")
-            if self.type == tarfile.XGLTYPE:  # global headers add up for the whole archive
-                archive.global_bytes += self.size
-                if archive.global_bytes > MAX_HEADER_RECORD:
-                    self._refuse(f"brings global pax headers over {MAX_HEADER_RECORD} bytes")
-        return super()._proc_member(archive)  # type: ignore[misc,no-any-return]
-
-    def _proc_gnusparse_10(self, *args: object) -> NoReturn:
-        self._refuse("is a sparse file")  # GNU sparse 1.0 reads its map from the data blocks
-
-    def _refuse(self, why: str) -> NoReturn:
-        raise UnsafeArchiveError(
-            f"refusing the tar header {echo(self.name)} at byte {self.offset}: it {why}",
-            member=shorten(self.name, PATH_MAX),
-        )
+class _Malformed(tarfile.TarError):
+    """The tar's bytes break its format (reported as a malformed or cut-short cart)."""
 
 
-class _TarFile(tarfile.TarFile):
-    """A stream-mode TarFile with bounded headers that forgets each member once it is read."""
+_NUL_BLOCK = bytes(tarfile.BLOCKSIZE)
+_STOP = ("stop",)
 
-    tarinfo = _TarInfo
-    records = 0  # header records read before the current member
-    global_bytes = 0  # bytes of global pax headers read so far
 
-    def next(self) -> tarfile.TarInfo | None:
-        self.records = 0
-        member = super().next()
-        # tarfile keeps every member for random access, which a stream cannot use: memory
-        # would grow with the member count (93 MiB for 200,000 empty directory entries).
-        self.members.clear()  # type: ignore[attr-defined]
-        return member
+def _padded(size: int) -> int:
+    """``size`` rounded up to whole 512-byte blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+class _Header:
+    """What one 512-byte tar header block says, as far as extraction needs it.
+
+    Read with slices and ``int()`` instead of ``tarfile.TarInfo.frombuf``, which decodes
+    every field (owner, group, devices, ...) and took half the parsing time of small files.
+    The rules are tarfile's: a checksum over the block, octal or base-256 numbers, a ustar
+    prefix joined to the name, trailing slashes taken from directories.
+    """
+
+    __slots__ = ("linkname", "mtime", "name", "offset", "size", "type")
+
+    def __init__(self, name: str, size: int, mtime: float, type_: bytes, linkname: str, offset: int) -> None:
+        self.name = name
+        self.size = size
+        self.mtime = mtime
+        self.type = type_
+        self.linkname = linkname
+        self.offset = offset
+
+    @classmethod
+    def parse(cls, block: bytes, offset: int) -> _Header:
+        """The header in ``block`` (512 bytes, not all NUL) at byte ``offset`` of the tar."""
+        checksum = _number(block[148:156])
+        if checksum != 256 + sum(block[:148]) + sum(block[156:]) and checksum != 256 + sum(
+            struct.unpack_from("148b8x356b", block)
+        ):
+            raise _Malformed("bad checksum")
+        type_ = block[156:157]
+        name = _text(block[0:100])
+        if type_ == tarfile.AREGTYPE and name.endswith("/"):
+            type_ = tarfile.DIRTYPE  # old V7 tars mark a directory by the slash
+        if type_ == tarfile.DIRTYPE:
+            name = name.rstrip("/")
+        prefix = _text(block[345:500])
+        if prefix and type_ not in tarfile.GNU_TYPES:
+            name = prefix + "/" + name
+        size, mtime, linkname = _number(block[124:136]), _number(block[136:148]), _text(block[157:257])
+        return cls(name, size, mtime, type_, linkname, offset)
+
+    def isreg(self) -> bool:
+        return self.type in tarfile.REGULAR_TYPES
+
+    def isdir(self) -> bool:
+        return self.type == tarfile.DIRTYPE
+
+    def issym(self) -> bool:
+        return self.type == tarfile.SYMTYPE
+
+    def islnk(self) -> bool:
+        return self.type == tarfile.LNKTYPE
+
+
+def _text(field: bytes) -> str:
+    """A NUL-terminated header field (names are UTF-8; other bytes kept as surrogates)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits, or base-256 (GNU) when the first byte is 0x80 or 0xff."""
+    if field[0] in (0x80, 0xFF):
+        value = int.from_bytes(field[1:], "big")
+        return value - (256 ** (len(field) - 1)) if field[0] == 0xFF else value
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits, 8) if digits else 0
+    except ValueError:
+        raise _Malformed("invalid header") from None
+
+
+class _Buffers:
+    """The tar's bytes, read into a few reusable buffers (``readinto``, no copy per chunk).
+
+    Data views handed to the writer point into a buffer; a buffer goes back to the pool only
+    when the writer has finished with everything before its ``release``, so at most
+    ``count * size`` bytes are ever held, however large the cart.
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self.pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self.pool.put(bytearray(size))
+
+
+class _Reader:
+    """Reads one stream of the tar through :class:`_Buffers`, counting its offset in the tar."""
+
+    def __init__(self, stream: Readable, start: int, buffers: _Buffers, writer: _Writer) -> None:
+        self.stream = stream
+        self.readinto: Callable[[memoryview], int] | None = getattr(stream, "readinto", None)
+        self.buffers = buffers
+        self.writer = writer
+        self.offset = start  # offset in the cart's tar of the next byte not yet taken
+        self.buffer: bytearray | None = None
+        self.view = memoryview(b"")
+        self.pos = 0
+        self.end = 0
+        self.eof = False
+
+    def _fill(self) -> bool:
+        """Hand the spent buffer to the writer and read into a free one; False at the end."""
+        if self.eof:
+            return False
+        if self.buffer is not None:
+            self.writer.put(("release", self.buffer))
+            self.buffer = None
+        buffer = self.writer.free_buffer(self.buffers)
+        view = memoryview(buffer)
+        try:
+            if self.readinto is not None:
+                count = self.readinto(view)
+            else:
+                data = self.stream.read(len(buffer))
+                count = len(data)
+                view[:count] = data
+        except BaseException:
+            self.buffers.pool.put(buffer)
+            raise
+        self.buffer, self.view, self.pos, self.end = buffer, view, 0, count
+        self.eof = count == 0
+        return not self.eof
+
+    def take(self, size: int) -> bytes:
+        """The next ``size`` bytes as a copy (headers), fewer only at the end of the stream."""
+        if self.end - self.pos >= size:  # the common case: all in the current buffer
+            data = self.view[self.pos : self.pos + size].tobytes()
+            self.pos += size
+            self.offset += size
+            return data
+        parts = bytearray()
+        while len(parts) < size:
+            if self.pos == self.end and not self._fill():
+                break
+            count = min(size - len(parts), self.end - self.pos)
+            parts += self.view[self.pos : self.pos + count]
+            self.pos += count
+            self.offset += count
+        return bytes(parts)
+
+    def views(self, size: int) -> Iterator[memoryview]:
+        """The next ``size`` bytes as views into the buffers; a short stream is malformed."""
+        while size:
+            if self.pos == self.end and not self._fill():
+                raise _Malformed("unexpected end of data")
+            count = min(size, self.end - self.pos)
+            yield self.view[self.pos : self.pos + count]
+            self.pos += count
+            self.offset += count
+            size -= count
+
+    def skip(self, size: int) -> None:
+        """Pass over ``size`` bytes (padding)."""
+        for _ in self.views(size):
+            pass
+
+    def close(self) -> None:
+        """Give the buffer being read back (through the writer, which may still use it)."""
+        if self.buffer is not None:
+            self.writer.put(("release", self.buffer))
+            self.buffer = None
+
+
+@dataclass(slots=True)
+class _Member:
+    """One regular file on its way to staging (created by the reader, finished by the writer)."""
+
+    path: str  # below ``filename/``, as progress reports it
+    target: str
+    size: int
+    mtime: float
+    file: CartFile | None
+    end: int  # offset in the cart's tar after its data
+
+
+class _Writer(threading.Thread):
+    """Hashes and writes file data while the reader takes the next bytes off the network.
+
+    It takes operations in order from a queue, so files are finished, and ``resume_at``
+    moves, exactly in the tar's order. hashlib and ``os.write`` release the GIL, so the two
+    threads use both cores. The first error is kept; later data is skipped, but buffers are
+    still given back so that the reader never waits forever; the reader raises it.
+    """
+
+    def __init__(self, extractor: _Extractor) -> None:
+        super().__init__(name="cart-writer", daemon=True)
+        self.extractor = extractor
+        self.ops: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.abort = False
+        self.fd = -1
+        self.member: _Member | None = None
+        self.digest: Any = None
+        self.pool: queue.SimpleQueue[bytearray] | None = None
+        self.queued = False  # work was queued since the last drain
+
+    def put(self, op: tuple[Any, ...]) -> None:
+        self.ops.put(op)
+
+    def drain(self) -> None:
+        """Wait until everything queued is done: then the reader may write a file itself."""
+        if self.queued:
+            done = threading.Event()
+            self.ops.put(("sync", done))
+            done.wait()
+            self.queued = False
+        self.check()
+
+    def mark(self, end: int) -> None:
+        """A directory was taken whole: the tar may be resumed after it, once files before it are."""
+        if self.queued:
+            self.ops.put(("mark", end))
+        else:
+            self.extractor.resume_at = end
+
+    def free_buffer(self, buffers: _Buffers) -> bytearray:
+        """A buffer the writer is done with; raises the writer's error as soon as there is one."""
+        self.pool = buffers.pool
+        while True:
+            self.check()
+            try:
+                return buffers.pool.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self, abort: bool) -> None:
+        """Stop after the queued operations (or skipping them, with ``abort``) and wait."""
+        self.abort = self.abort or abort
+        self.ops.put(_STOP)
+        self.join()
+
+    def run(self) -> None:
+        ops = self.ops
+        while True:
+            op = ops.get()
+            kind = op[0]
+            if kind == "release":
+                assert self.pool is not None
+                self.pool.put(op[1])
+                continue
+            if kind == "stop":
+                return
+            if kind == "sync":
+                op[1].set()
+                continue
+            if self.error is not None or self.abort:
+                continue
+            try:
+                if kind == "data":
+                    self.write(op[1])
+                elif kind == "open":
+                    self.open_file(op[1])
+                elif kind == "close":
+                    self.close_file()
+                else:  # "mark": a directory, taken whole
+                    self.extractor.resume_at = op[1]
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader, which raises it
+                self.error = exc
+
+    def open_file(self, member: _Member) -> None:
+        extractor = self.extractor
+        extractor.progress.file_started(member.path, member.size)
+        file = member.file
+        self.digest = hashlib.new(file.hashtype) if file is not None else None
+        self.fd = os.open(member.target, _FILE_FLAGS, 0o666)
+        self.member = member
+        extractor.partial, extractor.partial_from = member, extractor.bytes
+
+    def write(self, data: memoryview) -> None:
+        if self.digest is not None:
+            self.digest.update(data)
+        fd, size = self.fd, len(data)
+        written = os.write(fd, data)
+        while written < size:
+            written += os.write(fd, data[written:])
+        self.extractor.bytes += size
+        self.extractor.progress.file_advanced(size)
+
+    def close_file(self) -> None:
+        member, extractor = self.member, self.extractor
+        assert member is not None
+        fd, self.fd, self.member = self.fd, -1, None
+        try:
+            with contextlib.suppress(OverflowError, ValueError, OSError):  # an absurd mtime is not fatal
+                os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+        file = member.file
+        if file is not None and (actual := self.digest.hexdigest()) != file.hashsum:
+            raise HashMismatchError(
+                f"{echo(file.path)} (id {file.id}) failed its {file.hashtype} check: "
+                f"expected {file.hashsum}, got {actual}",
+                path=file.path,
+                file_id=file.id,
+                expected=file.hashsum,
+                actual=actual,
+            )
+        extractor.partial = None
+        extractor.resume_at = member.end
+        extractor.progress.file_finished(member.path)
+
+    def close_partial(self) -> None:
+        """Close the file left open by a stream that broke (the extractor discards it)."""
+        if self.fd != -1:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Extractor:
@@ -258,21 +580,30 @@ class _Extractor:
         self.filename = filename
         self.progress = progress
         self.verify = files is not None
-        self.expected = {f"{filename}/{file.path}": file for file in files or ()}
-        self.directories = {filename}
-        for name in self.expected:
-            parts = name.split("/")
-            self.directories.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        # Keyed by the files' own path strings, so a file costs this only a dict entry.
+        self.expected = {file.path: file for file in files or ()}
+        self.directories: set[str] = set()  # below filename/, where requested files live
+        for path in self.expected:
+            directory = path.rpartition("/")[0]
+            if directory and directory not in self.directories:
+                self.directories.add(directory)
+                self.directories.update(_parents(directory))
         self.top: str | None = None  # another name of the tar's top directory (a bundle's uid)
-        self.written: dict[str, Path] = {}
-        self.made: set[str] = set()  # directory members already made in staging
+        # Paths (below filename/) of the files handed to the writer, in the tar's order (a
+        # dict: ordered, and found in constant time; the values are unused). Once the writer
+        # has finished without an error, every one of them is written and verified.
+        self.written: dict[str, None] = {}
+        self.made: set[str] = set()  # directories that exist in staging
         self.bytes = 0
         # Where the tar can be asked again from: the header after the last member taken whole
         # (file verified, directory made). ``partial`` is the file being written, if any.
         self.resume_at = 0
         self.resumable = True  # False once a global pax header was read: it would be lost
-        self.partial: Path | None = None
+        self.partial: _Member | None = None
         self.partial_from = 0  # self.bytes when the partial file began
+        self.global_pax: dict[str, str] = {}
+        self.global_bytes = 0  # bytes of global pax headers read so far
+        self.free = 0  # bytes the disk is known to have left for the files to come
 
     def run(
         self,
@@ -283,18 +614,17 @@ class _Extractor:
         max_resumes: int = 0,
     ) -> None:
         try:
-            self._stream_all(stream, staging, chunk_size, resume, max_resumes)
+            self._stream_all(stream, staging, _Buffers(chunk_size, _BUFFERS), resume, max_resumes)
         except DownloaderError:
             raise
-        # tarfile reports a bad header as TarError, but a hostile pax header (a size or mtime
-        # that is not a number) as ValueError or OverflowError.
-        except (tarfile.TarError, EOFError, ValueError, OverflowError) as exc:
+        # A bad header is a TarError; a hostile pax header (a size that is not a number) a ValueError.
+        except (tarfile.TarError, ValueError, OverflowError) as exc:
             raise DownloadInterruptedError(
                 f"the cart's tar is cut short or malformed after {self.bytes} bytes of file data: "
                 + shorten(str(exc), ECHO_CHARS),
                 files_written=len(self.written),
             ) from exc
-        missing = sorted(set(self.expected) - set(self.written))
+        missing = sorted(f"{self.filename}/{path}" for path in self.expected if path not in self.written)
         if missing:
             shown = ", ".join(echo(name) for name in missing[:_MISSING_SHOWN])
             more = f" and {len(missing) - _MISSING_SHOWN} more" if len(missing) > _MISSING_SHOWN else ""
@@ -304,15 +634,16 @@ class _Extractor:
             )
 
     def _stream_all(
-        self, stream: Readable, staging: Path, chunk_size: int, resume: Resume | None, max_resumes: int
+        self, stream: Readable, staging: Path, buffers: _Buffers, resume: Resume | None, max_resumes: int
     ) -> None:
         """Parse the tar, opening it again with ``resume`` where the stream broke."""
         resumes = 0
         start = 0
+        self.free = shutil.disk_usage(staging).free
         with contextlib.ExitStack() as reopened:
             while True:
                 try:
-                    self._parse(stream, start, staging, chunk_size)
+                    self._parse(stream, start, str(staging), buffers)
                     return
                 except DownloadInterruptedError as exc:  # the connection, not the tar
                     if resume is None or resumes >= max_resumes or not self.resumable:
@@ -329,22 +660,155 @@ class _Extractor:
                     if start != self.resume_at:  # the server sent the whole tar again
                         self._start_over(staging)
 
-    def _parse(self, stream: Readable, start: int, staging: Path, chunk_size: int) -> None:
-        """Take the members of a tar stream that begins at byte ``start`` of the cart's tar."""
-        with _TarFile.open(fileobj=stream, mode="r|", bufsize=chunk_size) as tar:  # type: ignore[call-overload]
-            while (member := tar.next()) is not None:
-                if tar.global_bytes:
-                    self.resumable = False
-                self._rename_top(member)
-                if self._check(member):
-                    self._write(tar, member, staging, chunk_size)
-                elif member.name not in self.made:
-                    (staging / member.name).mkdir(parents=True, exist_ok=True)
-                    self.made.add(member.name)
-                # In stream mode tar.offset is where the next header starts (data skipped).
-                self.resume_at = start + tar.offset
+    def _parse(self, stream: Readable, start: int, staging: str, buffers: _Buffers) -> None:
+        """Take the members of a tar stream that begins at byte ``start`` of the cart's tar.
 
-    def _rename_top(self, member: tarfile.TarInfo) -> None:
+        This thread reads and checks headers; a :class:`_Writer` hashes and writes the data.
+        """
+        writer = _Writer(self)
+        writer.start()
+        reader = _Reader(stream, start, buffers, writer)
+        try:
+            while (member := self._next(reader)) is not None:
+                self._rename_top(member)
+                end = reader.offset + (_padded(member.size) if member.isreg() else 0)
+                if self._check(member):
+                    self._queue_file(reader, writer, member, staging, end)
+                else:
+                    if member.name not in self.made:
+                        os.makedirs(f"{staging}/{member.name}", exist_ok=True)
+                        self._made(member.name)
+                    writer.mark(end)
+                writer.check()
+        except DownloadInterruptedError:
+            # What arrived whole is still written and verified: the resume starts after it.
+            self._stop(reader, writer, abort=False)
+            writer.check()
+            raise
+        except BaseException:
+            self._stop(reader, writer, abort=True)
+            writer.check()  # the writer's error came first: it is the cause
+            raise
+        self._stop(reader, writer, abort=False)
+        writer.check()
+
+    @staticmethod
+    def _stop(reader: _Reader, writer: _Writer, abort: bool) -> None:
+        reader.close()
+        writer.finish(abort)
+        writer.close_partial()
+
+    def _queue_file(self, reader: _Reader, writer: _Writer, info: _Header, staging: str, end: int) -> None:
+        """Check the room a file needs, make its directory, and hand its data to the writer."""
+        name, size = info.name, info.size
+        path = name.partition("/")[2]
+        if size > self.free:
+            self.free = shutil.disk_usage(staging).free  # asked again only when it may not fit
+            if size > self.free:
+                raise LocalStorageError(
+                    f"{echo(path)} declares {size} bytes but only {self.free} are free in {self.location}",
+                    path=path,
+                )
+        self.free -= size
+        directory = name.rpartition("/")[0]
+        if directory not in self.made:
+            os.makedirs(f"{staging}/{directory}", exist_ok=True)
+            self._made(directory)
+        file = self.expected.get(path)
+        self.written[path if file is None else file.path] = None  # the string held already
+        member = _Member(path, f"{staging}/{name}", size, info.mtime, file, end)
+        padding = _padded(size) - size
+        if size < _INLINE_BELOW:
+            # Handing a small file over costs more than writing it: two threads taking turns
+            # on the GIL for every system call made 2000 small files ~3 times slower.
+            writer.drain()
+            writer.open_file(member)
+            for view in reader.views(size):
+                writer.write(view)
+            reader.skip(padding)
+            writer.close_file()
+            return
+        put = writer.put
+        put(("open", member))
+        for view in reader.views(size):
+            put(("data", view))
+        reader.skip(padding)
+        put(("close",))
+        writer.queued = True
+
+    def _made(self, directory: str) -> None:
+        self.made.add(directory)
+        self.made.update(_parents(directory))
+
+    def _next(self, reader: _Reader) -> _Header | None:
+        """The next member with its pax headers and GNU long names applied; None at the end.
+
+        Header records are bounded before they are read (:data:`MAX_HEADER_RECORD`), and at
+        most :data:`MAX_HEADER_RECORDS` come before one member.
+        """
+        pax: dict[str, str] = {}
+        long_names: dict[bytes, str] = {}
+        for _ in range(MAX_HEADER_RECORDS + 1):
+            at = reader.offset
+            block = reader.take(tarfile.BLOCKSIZE)
+            if not block:
+                if at == 0:
+                    raise _Malformed("empty file")
+                return None  # the stream ended where a header could begin
+            if len(block) < tarfile.BLOCKSIZE:
+                raise _Malformed("truncated header")
+            if block == _NUL_BLOCK:
+                return None  # the end-of-archive marker
+            info = _Header.parse(block, at)
+            if info.size < 0:
+                _refuse_header(info, "declares a negative size")
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                _refuse_header(info, "is a sparse file")  # its map is read from any number of blocks
+            kind = _RECORD_KINDS.get(info.type)
+            if kind is None:
+                return self._apply(info, pax, long_names)
+            if info.size > MAX_HEADER_RECORD:
+                _refuse_header(info, f"is a {kind} of {info.size} bytes, more than {MAX_HEADER_RECORD}")
+            record = reader.take(info.size)
+            if len(record) < info.size:
+                raise _Malformed("unexpected end of data")
+            reader.skip(_padded(info.size) - info.size)
+            if info.type == tarfile.XGLTYPE:  # global headers add up for the whole archive
+                self.resumable = False  # a resumed stream would start without them
+                self.global_bytes += info.size
+                if self.global_bytes > MAX_HEADER_RECORD:
+                    _refuse_header(info, f"brings global pax headers over {MAX_HEADER_RECORD} bytes")
+                self.global_pax.update(_pax_records(record))
+            elif kind == "pax header":
+                pax.update(_pax_records(record))
+            else:
+                long_names[info.type] = record.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        _refuse_header(info, f"is one of more than {MAX_HEADER_RECORDS} header records in a row")
+
+    def _apply(self, info: _Header, pax: dict[str, str], long_names: dict[bytes, str]) -> _Header:
+        """Give ``info`` what the records before it say: long names, then pax (global, then its own)."""
+        if tarfile.GNUTYPE_LONGNAME in long_names:
+            info.name = long_names[tarfile.GNUTYPE_LONGNAME]
+        if tarfile.GNUTYPE_LONGLINK in long_names:
+            info.linkname = long_names[tarfile.GNUTYPE_LONGLINK]
+        for headers in (self.global_pax, pax):
+            for keyword, value in headers.items():
+                if keyword.startswith("GNU.sparse."):
+                    _refuse_header(info, "is a sparse file")
+                if keyword == "path":
+                    info.name = value.rstrip("/")
+                elif keyword == "linkpath":
+                    info.linkname = value
+                elif keyword == "size":
+                    if not value.isdigit() or not value.isascii():
+                        raise _Malformed(f"pax size {echo(value)} is not a number of bytes")
+                    info.size = int(value)
+                elif keyword == "mtime":
+                    with contextlib.suppress(ValueError):
+                        info.mtime = float(value)
+        return info
+
+    def _rename_top(self, member: _Header) -> None:
         """Place a member under ``top/`` (a bundle's uid) as if it were under ``filename/``."""
         if self.top is not None:
             head, slash, rest = member.name.partition("/")
@@ -354,7 +818,9 @@ class _Extractor:
     def _discard_partial(self) -> None:
         """Forget the file cut midway: it is fetched again from its header, never trusted."""
         if self.partial is not None:
-            self.partial.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial.target)
+            self.written.pop(self.partial.path, None)
             self.bytes = self.partial_from
             self.partial = None
 
@@ -370,8 +836,9 @@ class _Extractor:
         self.made.clear()
         self.bytes = 0
         self.resume_at = 0
+        self.free = shutil.disk_usage(staging).free
 
-    def _check(self, member: tarfile.TarInfo) -> bool:
+    def _check(self, member: _Header) -> bool:
         """Refuse an unsafe member; return True for a file to write, False for a directory."""
         name = member.name
         parts = name.split("/")
@@ -385,8 +852,6 @@ class _Extractor:
             )
         if not (member.isreg() or member.isdir()):
             self._refuse(member, "is a device, fifo or other special file")
-        if member.sparse is not None:
-            self._refuse(member, "is a sparse file")
         if parts[0] != self.filename:
             inside = self.filename + "/" if self.top is None else f"{self.top}/ or {self.filename}/"
             self._refuse(member, f"is outside {echo(inside)}")
@@ -395,60 +860,22 @@ class _Extractor:
                 check_path(name.partition("/")[2])
             except ValueError as exc:
                 self._refuse(member, f"has a path that {exc}")
+        path = name.partition("/")[2]
         if member.isdir():
-            if self.verify and name not in self.directories:
+            if self.verify and path and path not in self.directories:
                 self._refuse(member, "is a directory that no requested file lives in")
             return False
-        if self.verify and name not in self.expected:
+        if self.verify and path not in self.expected:
             self._refuse(member, "was not requested")
-        if name in self.written:
+        if path in self.written:
             self._refuse(member, "appears twice")
         return True
 
-    def _refuse(self, member: tarfile.TarInfo, why: str) -> NoReturn:
+    def _refuse(self, member: _Header, why: str) -> NoReturn:
         # The message shows a hostile name shortened; the attribute keeps any name a path can be.
         raise UnsafeArchiveError(
             f"refusing tar member {echo(member.name)}: it {why}", member=shorten(member.name, PATH_MAX)
         )
-
-    def _write(self, tar: tarfile.TarFile, member: tarfile.TarInfo, staging: Path, chunk: int) -> None:
-        file = self.expected.get(member.name)
-        path = member.name.partition("/")[2]
-        target = staging / member.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(staging).free
-        if member.size > free:
-            raise LocalStorageError(
-                f"{echo(path)} declares {member.size} bytes but only {free} are free in {self.location}",
-                path=path,
-            )
-        self.progress.file_started(path, member.size)
-        digest = hashlib.new(file.hashtype) if file is not None else None
-        source = tar.extractfile(member)
-        if source is None:  # only for non-files, which _check refused; keeps mypy honest
-            self._refuse(member, "has no data")
-        self.partial, self.partial_from = target, self.bytes
-        with source, open(target, "xb") as out:
-            while data := source.read(chunk):
-                if digest is not None:
-                    digest.update(data)
-                out.write(data)
-                self.bytes += len(data)
-                self.progress.file_advanced(len(data))
-        if file is not None and digest is not None and (actual := digest.hexdigest()) != file.hashsum:
-            raise HashMismatchError(
-                f"{echo(file.path)} (id {file.id}) failed its {file.hashtype} check: "
-                f"expected {file.hashsum}, got {actual}",
-                path=file.path,
-                file_id=file.id,
-                expected=file.hashsum,
-                actual=actual,
-            )
-        with contextlib.suppress(OverflowError, ValueError, OSError):  # an absurd mtime is not fatal
-            os.utime(target, (member.mtime, member.mtime))
-        self.written[member.name] = target
-        self.partial = None
-        self.progress.file_finished(path)
 
     def commit(self, staging: Path) -> ExtractResult:
         """Move the verified tree into place: one rename when the target is new, else a merge."""
@@ -456,9 +883,9 @@ class _Extractor:
         final_root = self.location / self.filename
         staged_root.mkdir(exist_ok=True)
         if os.path.lexists(final_root) or not _rename_new(staged_root, final_root):
-            _merge(self.location, self.written)
-        files = tuple(self.location / name for name in sorted(self.written))
-        return ExtractResult(final_root, files, self.bytes)
+            top = self.filename
+            _merge(self.location, {f"{top}/{path}": staging / top / path for path in self.written})
+        return ExtractResult(final_root, PathList(final_root, sorted(self.written)), self.bytes)
 
 
 def _rename_new(staged_root: Path, final_root: Path) -> bool:
@@ -675,3 +1102,28 @@ def _parents(path: str) -> Iterator[str]:
     while index != -1:
         yield path[:index]
         index = path.find("/", index + 1)
+
+
+def _refuse_header(info: _Header, why: str) -> NoReturn:
+    raise UnsafeArchiveError(
+        f"refusing the tar header {echo(info.name)} at byte {info.offset}: it {why}",
+        member=shorten(info.name, PATH_MAX),
+    )
+
+
+def _pax_records(record: bytes) -> Iterator[tuple[str, str]]:
+    """The ``length keyword=value`` records of a pax header (values UTF-8, as tarfile reads them)."""
+    pos = 0
+    while pos < len(record) and record[pos] != 0:
+        space = record.find(b" ", pos, pos + 21)
+        equals = record.find(b"=", space)
+        digits = record[pos:space]
+        if space <= pos or not digits.isdigit():
+            raise _Malformed("invalid pax header record")
+        length = int(digits)
+        end = pos + length
+        if length == 0 or equals == -1 or equals >= end or end > len(record) or record[end - 1] != 0x0A:
+            raise _Malformed("invalid pax header record")
+        keyword = record[space + 1 : equals].decode("utf-8", "surrogateescape")
+        yield keyword, record[equals + 1 : end - 1].decode("utf-8", "surrogateescape")
+        pos = end

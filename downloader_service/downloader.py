@@ -8,14 +8,21 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .archive import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_RESUMES, ExtractResult, check_destination, extract_cart
+from .archive import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_RESUMES,
+    ExtractResult,
+    PathList,
+    check_destination,
+    extract_cart,
+)
 from .cartapi import DEFAULT_CART_TIMEOUT, CartAPI
 from .cartfile import CartFile, as_yield_files
 from .cloudevent import CloudEvent
@@ -40,7 +47,7 @@ class DownloadResult:
 
     location: Path
     root: Path
-    files: tuple[Path, ...]
+    files: Sequence[Path]  # in the order asked for; a PathList made of the names it holds
     bytes: int
     cart_url: str
     seconds: float
@@ -55,7 +62,7 @@ class DownloadResult:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (paths as strings)."""
-        summary = asdict(self)
+        summary = {item.name: getattr(self, item.name) for item in fields(self)}
         summary.update(
             location=str(self.location),
             root=str(self.root),
@@ -161,7 +168,7 @@ class Downloader:
             return DownloadResult(
                 location=target,
                 root=target / filename,
-                files=tuple(present.values()),
+                files=_in_order(files, target / filename, present),
                 bytes=0,
                 cart_url="",
                 seconds=self.clock() - started,
@@ -189,7 +196,7 @@ class Downloader:
         result = DownloadResult(
             location=target,
             root=extracted.root,
-            files=_in_order(files, extracted.root, (*extracted.files, *present.values())),
+            files=_in_order(files, extracted.root, {*extracted.files.names, *present}),
             bytes=extracted.bytes,
             cart_url=cart_url,
             seconds=self.clock() - started,
@@ -301,10 +308,9 @@ def cart_uid(cart_url: str) -> str:
     return urlsplit(cart_url).path.rstrip("/").rpartition("/")[2]
 
 
-def _in_order(files: Sequence[CartFile], root: Path, paths: Sequence[Path]) -> tuple[Path, ...]:
-    """``paths`` in the order the files were asked for (unknown ones last, as they came)."""
-    rank = {file.path: index for index, file in enumerate(files)}
-    return tuple(sorted(paths, key=lambda path: rank.get(path.relative_to(root).as_posix(), len(rank))))
+def _in_order(files: Sequence[CartFile], root: Path, placed: Collection[str]) -> PathList:
+    """The paths of the files ``placed`` (paths below ``root``), in the order they were asked for."""
+    return PathList(root, [file.path for file in files if file.path in placed])
 
 
 def present_files(root: Path, files: Sequence[CartFile]) -> dict[str, Path]:
@@ -315,6 +321,8 @@ def present_files(root: Path, files: Sequence[CartFile]) -> dict[str, Path]:
     beside the new one, as the commit does).
     """
     found: dict[str, Path] = {}
+    if not os.path.isdir(root):
+        return found  # a first download: nothing to look at, file by file
     real_root = os.path.realpath(root)
     for file in files:
         path = root / file.path

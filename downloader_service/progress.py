@@ -6,7 +6,10 @@ from __future__ import annotations
 class DownloadProgress:
     """Receives progress events; every method is a no-op here, override what you need.
 
-    Methods are called from the downloading thread, so they must be quick.
+    Methods must be quick. The ``cart_*`` ones are called from the downloading thread; the
+    ``file_*`` ones from it or, for large files, from the extraction's writer thread, which
+    hashes and writes while the downloading thread reads on. Either way they come one at a
+    time and in order: a file is started, advanced and finished before the next starts.
     """
 
     def cart_planned(self, cart_url: str) -> None:

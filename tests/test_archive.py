@@ -150,6 +150,58 @@ def test_extract_cart_flipped_byte_is_hash_mismatch(tmp_path: Path) -> None:
     assert list((tmp_path / "dest").iterdir()) == []
 
 
+# Files from _INLINE_BELOW (512 KiB) on are hashed and written by the writer thread while the
+# reader reads on; smaller ones by the reader itself. A mix takes turns between the two.
+BIG = [os.urandom(700_000), os.urandom(3 << 20), b"small\n", os.urandom(600_000)]
+BIG_FILES = [CartFile(str(i), f"big/{i}.bin", "sha1", sha1(data)) for i, data in enumerate(BIG)]
+BIG_TAR = [Member("data", type=tarfile.DIRTYPE), *(Member(f"data/big/{i}.bin", d) for i, d in enumerate(BIG))]
+
+
+def test_extract_cart_large_and_small_files_in_turn_land_verified_in_order(tmp_path: Path) -> None:
+    events: list[tuple[str, str | int]] = []
+
+    class Recorder(DownloadProgress):
+        def file_started(self, path: str, size: int) -> None:
+            events.append(("start", path))
+
+        def file_advanced(self, nbytes: int) -> None:
+            events.append(("advance", nbytes))
+
+        def file_finished(self, path: str) -> None:
+            events.append(("done", path))
+
+    result = extract_cart(
+        io.BytesIO(build_tar(BIG_TAR)), tmp_path, "data", BIG_FILES, Recorder(), chunk_size=64 << 10
+    )
+    assert tree(tmp_path / "data") == {f"big/{i}.bin": data for i, data in enumerate(BIG)}
+    assert result.bytes == sum(map(len, BIG))
+    # Each file is started, advanced and finished before the next starts, in the tar's order.
+    order = [(kind, value) for kind, value in events if kind != "advance"]
+    assert order == [(kind, f"big/{i}.bin") for i in range(len(BIG)) for kind in ("start", "done")]
+    assert sum(int(n) for kind, n in events if kind == "advance") == sum(map(len, BIG))
+
+
+@pytest.mark.parametrize("which", [0, 1, 3])
+def test_extract_cart_writer_thread_mismatch_stops_everything_and_leaves_nothing(
+    tmp_path: Path, which: int
+) -> None:
+    broken = list(BIG)
+    broken[which] = bytes([broken[which][0] ^ 1]) + broken[which][1:]
+    members = [BIG_TAR[0], *(Member(f"data/big/{i}.bin", d) for i, d in enumerate(broken))]
+    with pytest.raises(HashMismatchError) as info:
+        extract(tmp_path, build_tar(members), files=BIG_FILES, chunk_size=64 << 10)
+    assert info.value.path == f"big/{which}.bin"
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [700_000 // 2, 700_000 + 1536 + (3 << 20) - 5, -2000])
+def test_extract_cart_large_file_cut_short_is_an_error_and_leaves_nothing(tmp_path: Path, cut: int) -> None:
+    data = build_tar(BIG_TAR)
+    with pytest.raises(DownloadInterruptedError, match="cut short or malformed"):
+        extract(tmp_path, data[:cut], files=BIG_FILES)
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
 def test_extract_cart_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(MissingFileError, match=r"bar\.txt") as info:
         extract(tmp_path, build_tar([Member("data/a/b/foo.txt", FOO)]))
@@ -472,7 +524,8 @@ def test_extract_cart_does_not_keep_every_member_in_memory(tmp_path: Path) -> No
     entries = [raw_header("data", tarfile.DIRTYPE, 0)] * 5000
     tracemalloc.start()
     try:
-        extract_cart(LazyStream([*entries, b"\0" * 1024]), tmp_path, "data", None)  # type: ignore[arg-type]
+        stream = LazyStream([*entries, b"\0" * 1024])
+        extract_cart(stream, tmp_path, "data", None, chunk_size=16 << 10)  # type: ignore[arg-type]
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

@@ -155,6 +155,24 @@ def test_download_bundle_resumes_each_cut_and_never_keeps_a_cut_file(
     assert_landed(tmp_path / "data", contents)
 
 
+def test_download_bundle_of_large_files_resumes_where_the_writer_thread_got_to(
+    fake_cartd: FakeCartd, tmp_path: Path
+) -> None:
+    # 1 MiB files go through the writer thread; cuts inside the second and the last file.
+    files, contents = stored(fake_cartd, 4, 1 << 20)
+    size = bundle_size(fake_cartd, files)
+    fake_cartd.bundle_cuts = [(1 << 20) + (1 << 19), size - 4096]
+    result = Downloader(tmp_path, fake_cartd.url, bundle=True).download(files)
+    assert len(fake_cartd.ranges) == 3
+    assert result.bytes == 4 << 20
+    assert_landed(tmp_path / "data", contents)
+    # Each resume starts at the header of the file that was cut, never later, never much earlier.
+    starts = [int(r[len("bytes=") : -1]) for r in fake_cartd.ranges[1:]]
+    assert (1 << 20) <= starts[0] < (1 << 20) + (1 << 19)
+    assert size - (1 << 20) - 4096 <= starts[1] < size - 4096
+    assert fake_cartd.bytes_sent <= size + (1 << 19) + (1 << 20) + 8192
+
+
 def test_download_bundle_gives_up_after_max_resumes(fake_cartd: FakeCartd, tmp_path: Path) -> None:
     files, _ = stored(fake_cartd, 1, 300_000)
     fake_cartd.bundle_cuts = [50_000 * n for n in range(1, 6)]
