@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import requests
+import urllib3.response
 
 from downloader_service import (
     CartAPI,
@@ -15,7 +17,7 @@ from downloader_service import (
     InvalidInputError,
 )
 from downloader_service.cartfile import CartdFile
-from tests.fakecartd import Cart, FakeCartd, closed_port, sha1
+from tests.fakecartd import Cart, FakeCartd, cart_tar, closed_port, sha1
 
 
 class FakeClock:
@@ -163,6 +165,49 @@ def test_open_cart_read_timeout_becomes_interrupted(fake_cartd: FakeCartd) -> No
                 pass
 
     with pytest.raises(DownloadInterruptedError, match="after 100 bytes"):
+        drain()
+
+
+def _stored_cart(fake: FakeCartd, bundle: bool) -> tuple[CartAPI, str, bytes]:
+    """A cart of one 300 kB file on ``fake``, and the exact tar its GET sends."""
+    file = fake.add("1", os.urandom(300_000))
+    file["path"] = "x.bin"
+    api = CartAPI(fake.url)
+    cart_url = api.setup_cart(lambda: iter([file]), bundle=bundle)
+    uid = cart_url.rpartition("/")[2]
+    return api, cart_url, cart_tar(fake.carts[uid].fileids, fake.contents, uid if bundle else "data")
+
+
+@pytest.mark.parametrize("bundle", [False, True], ids=["chunked tar", "sized bundle"])
+def test_open_cart_readinto_goes_around_urllib3s_copies_and_gives_every_byte(
+    fake_cartd: FakeCartd, monkeypatch: pytest.MonkeyPatch, bundle: bool
+) -> None:
+    fake_cartd.chunk = 1000  # many small chunks: one readinto must fill across them
+    api, cart_url, expected = _stored_cart(fake_cartd, bundle)
+
+    def copying_read(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("urllib3's read (two copies a chunk) was used")
+
+    monkeypatch.setattr(urllib3.response.HTTPResponse, "read", copying_read)
+    got, buffer = bytearray(), bytearray(64 << 10)
+    with api.open_cart(cart_url) as stream:
+        while count := stream.readinto(memoryview(buffer)):
+            got += buffer[:count]
+    assert got == expected
+    assert stream.bytes_read == len(expected)
+
+
+def test_open_cart_readinto_of_a_bundle_cut_short_is_an_interruption(fake_cartd: FakeCartd) -> None:
+    api, cart_url, expected = _stored_cart(fake_cartd, bundle=True)
+    fake_cartd.bundle_cuts = [100_000]
+    buffer = memoryview(bytearray(64 << 10))
+
+    def drain() -> None:
+        with api.open_cart(cart_url) as stream:
+            while stream.readinto(buffer):
+                pass
+
+    with pytest.raises(DownloadInterruptedError, match=f"ended after 100000 of {len(expected)} bytes"):
         drain()
 
 
