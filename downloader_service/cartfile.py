@@ -16,6 +16,9 @@ from .errors import InvalidInputError, NoFilesError, echo
 SUPPORTED_HASHTYPES = frozenset(
     name for name in hashlib.algorithms_guaranteed if not name.startswith("shake_")
 )
+# One string per hash type, and its digest's length in hex digits: a download of many files
+# shares these instead of holding a lower-cased copy per file.
+_HASH_TYPES = {name: (name, hashlib.new(name).digest_size * 2) for name in SUPPORTED_HASHTYPES}
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -38,7 +41,7 @@ CartdFile = dict[str, str]
 YieldFiles = Callable[[], Iterator[CartdFile]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CartFile:
     """A file to put in a cart, already validated: ``path`` is relative, normalised, safe."""
 
@@ -82,7 +85,7 @@ def join_cart_path(subdir: str, name: str) -> str:
         raise ValueError("is empty")
     path = "/".join(parts)
     check_path(path)
-    return path
+    return name if path == name else path  # the caller's string when it is the same
 
 
 def check_path(path: str) -> None:
@@ -249,9 +252,9 @@ def _checksum(hashtype: Any, hashsum: Any, problems: list[tuple[str, str]]) -> t
     if not isinstance(hashtype, str) or hashtype.lower() not in SUPPORTED_HASHTYPES:
         problems.append(("hashtype", f"is not a supported hash: {echo(hashtype)}"))
         return None, None
-    hashtype = hashtype.lower()
-    expected = hashlib.new(hashtype).digest_size * 2
-    if not isinstance(hashsum, str) or len(hashsum) != expected or not _HEX.fullmatch(hashsum.lower()):
+    hashtype, expected = _HASH_TYPES[hashtype.lower()]
+    lowered = hashsum.lower() if isinstance(hashsum, str) else ""
+    if not isinstance(hashsum, str) or len(hashsum) != expected or not _HEX.fullmatch(lowered):
         problems.append(("hashsum", f"is not a {hashtype} hex digest: {echo(hashsum)}"))
         return hashtype, None
-    return hashtype, hashsum.lower()
+    return hashtype, hashsum if lowered == hashsum else lowered
