@@ -788,7 +788,9 @@ def _job(row: Any) -> Job:
             bool(row.error_retryable),
             json.loads(row.error_context or "{}"),
         )
-    files = tuple(CartFile(**entry) for entry in json.loads(row.files or "[]"))
+    # Each file's dict becomes its CartFile as it is parsed, so a job of many files never
+    # holds the list of dicts and the files at once.
+    files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
     return Job(
         id=row.id,
         source=row.source,
