@@ -33,9 +33,7 @@ import atexit
 import contextlib
 import http.client
 import json
-import os
 import shutil
-import sys
 import threading
 import time
 import urllib.parse
@@ -46,10 +44,8 @@ from typing import Any, TypeVar
 
 from devstack.pacifica import (
     HOST,
-    POLL_INTERVAL,
     _ini_value,
-    _Process,
-    _tail,
+    _ProcessStack,
     free_port,
     write_celery_config,
     write_cherrypy_config,
@@ -140,11 +136,14 @@ class PolicyStandIn:
         self._thread.join(5)
 
 
-class NotificationsStack:
+class NotificationsStack(_ProcessStack):
     """Notifications REST server + Celery worker (+ dbsync, + Policy stand-in) on 127.0.0.1."""
 
-    #: Seconds the Celery worker gets after SIGTERM before SIGKILL (see PacificaStack).
-    WORKER_GRACE = 0.3
+    _label = "Notifications"
+    _stack_label = "Notifications"
+    _scrubbed_env = _SCRUBBED_ENV
+    _scrubbed_env_prefixes = _SCRUBBED_ENV_PREFIXES
+    _celery_config_module = CELERY_CONFIG_MODULE
 
     def __init__(
         self,
@@ -154,31 +153,15 @@ class NotificationsStack:
         concurrency: int = 8,
         host: str = HOST,
     ):
-        self.workdir = Path(workdir).resolve()
-        self.venv = Path(venv).resolve()
+        super().__init__(workdir, venv, host)
         self.postgres_url = postgres_url
         self.concurrency = concurrency
-        self.host = host
         self.port = 0
         self.url = ""
         self.policy: PolicyStandIn | None = None
-        self.startup_seconds: float | None = None
-        self._procs: dict[str, _Process] = {}
         self._owners: dict[str, str] = {}
-        self._started = False
 
     # ------------------------------------------------------------------ paths
-    def _bin(self, name: str) -> Path:
-        return self.venv / "bin" / name
-
-    @property
-    def config_dir(self) -> Path:
-        return self.workdir / "config"
-
-    @property
-    def broker_dir(self) -> Path:
-        return self.workdir / "broker"
-
     @property
     def results_dir(self) -> Path:
         return self.workdir / "results"
@@ -190,11 +173,6 @@ class NotificationsStack:
         if parsed.scheme not in ("postgres", "postgresql"):
             raise ValueError(f"not a PostgreSQL URL: {self.postgres_url!r}")
         return urllib.parse.urlunsplit(parsed._replace(scheme="postgres"))
-
-    @property
-    def logs(self) -> dict[str, Path]:
-        """Log file of each process, by name (dbsync, worker, notifications)."""
-        return {name: proc.log for name, proc in self._procs.items()}
 
     # ----------------------------------------------------------------- config
     def _write_configs(self) -> None:
@@ -227,59 +205,26 @@ class NotificationsStack:
         write_cherrypy_config(cfg / "notifications-cherrypy.ini", threads=16)
         write_celery_config(cfg / f"{CELERY_CONFIG_MODULE}.py", self.broker_dir, "pacifica-notifications")
 
-    def _env(self) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_ENV_PREFIXES)
-        }
+    def _service_env(self) -> dict[str, str]:
         cfg = self.config_dir
         assert self.policy is not None
-        env.update(
-            {
-                "PATH": f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}",
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(cfg),
-                "NOTIFICATIONS_CONFIG": str(cfg / "notifications.ini"),
-                "NOTIFICATIONS_CPCONFIG": str(cfg / "notifications-cherrypy.ini"),
-                "PEEWEE_URL": self.peewee_url,
-                "BROKER_URL": "filesystem://",
-                "BACKEND_URL": f"file://{self.results_dir}",
-                "POLICY_URL": self.policy.url,
-                "DATABASE_CONNECT_ATTEMPTS": "10",
-                "DATABASE_CONNECT_WAIT": "1",
-                "CELERY_CONFIG_MODULE": CELERY_CONFIG_MODULE,
-                "TMPDIR": str(self.workdir / "tmp"),
-            }
-        )
-        # The worker posts to the Policy stand-in and to targets with requests: never via a proxy.
-        for key in ("NO_PROXY", "no_proxy"):
-            env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))
-        return env
+        return {
+            "NOTIFICATIONS_CONFIG": str(cfg / "notifications.ini"),
+            "NOTIFICATIONS_CPCONFIG": str(cfg / "notifications-cherrypy.ini"),
+            "PEEWEE_URL": self.peewee_url,
+            "BROKER_URL": "filesystem://",
+            "BACKEND_URL": f"file://{self.results_dir}",
+            "POLICY_URL": self.policy.url,
+            "DATABASE_CONNECT_ATTEMPTS": "10",
+            "DATABASE_CONNECT_WAIT": "1",
+        }
 
     # -------------------------------------------------------------- lifecycle
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Process:
-        proc = _Process(name, argv, env, self.workdir, self.workdir / f"{name}.log")
-        self._procs[name] = proc
-        return proc
-
-    def _failure(self, message: str) -> RuntimeError:
-        parts = [message]
-        for name, proc in self._procs.items():
-            state = "running" if proc.alive() else f"exited {proc.popen.returncode}"
-            parts.append(f"--- {name} ({state}) {proc.log} ---\n{_tail(proc.log)}")
-        return RuntimeError("\n".join(parts))
-
     def start(self, timeout: float = 60) -> NotificationsStack:
         """Start everything and wait until each part answers; RuntimeError (with logs) if not."""
         if self._started:
             raise RuntimeError("NotificationsStack already started")
-        missing = [str(self._bin(exe)) for exe in _EXECUTABLES if not os.access(self._bin(exe), os.X_OK)]
-        if missing:
-            raise RuntimeError(
-                "pacifica-notifications not installed (run scripts/install-pacifica-stack.sh): missing "
-                + ", ".join(missing)
-            )
+        self._require_installed(_EXECUTABLES, "pacifica-notifications")
         began = time.monotonic()
         deadline = began + timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -339,24 +284,6 @@ class NotificationsStack:
         self.startup_seconds = time.monotonic() - began
         return self
 
-    def _wait_all(
-        self, checks: dict[str, Callable[[], bool]], deadline: float, may_exit: bool = False
-    ) -> None:
-        pending = dict(checks)
-        while pending:
-            for name, check in list(pending.items()):
-                if check():
-                    del pending[name]
-                elif not may_exit and not self._procs[name].alive():
-                    raise self._failure(f"Notifications {name} exited during startup")
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise self._failure(
-                    "Notifications did not come up in time; waiting for " + ", ".join(pending)
-                )
-            time.sleep(POLL_INTERVAL)
-
     def _answers(self) -> bool:
         """Whether the REST server answers HTTP at all (``GET /`` is a 405 there)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
@@ -369,41 +296,11 @@ class NotificationsStack:
         finally:
             conn.close()
 
-    def _worker_ready(self) -> bool:
-        try:
-            with open(self._procs["worker"].log, "rb") as handle:
-                return b" ready." in handle.read()
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 10) -> None:
-        """Stop every process (by process group) and the Policy stand-in; idempotent."""
-        atexit.unregister(self.stop)
-        procs = list(self._procs.values())
-        for proc in procs:
-            proc.terminate()
-        now = time.monotonic()
-        errors = []
-        for proc in procs:
-            grace = min(timeout, self.WORKER_GRACE) if proc.name == "worker" else timeout
-            try:
-                proc.finish(now + grace)
-            except Exception as exc:  # keep stopping the others
-                errors.append(f"{proc.name}: {exc!r}")
+    def _stop_helpers(self) -> None:
+        """The Policy stand-in (:meth:`stop` stops it after the processes)."""
         if self.policy is not None:
             self.policy.stop()
             self.policy = None
-        self._started = False
-        if errors:
-            print("NotificationsStack.stop: " + "; ".join(errors), file=sys.stderr)
-
-    def __enter__(self) -> NotificationsStack:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
 
     # -------------------------------------------------------------------- API
     def _request(

@@ -36,7 +36,7 @@ import urllib.parse
 from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar, Self
 
 HOST = "127.0.0.1"
 POLL_INTERVAL = 0.05
@@ -219,37 +219,44 @@ class _Process:
         self._logfile.close()
 
 
-class PacificaStack:
-    """Archive Interface, Cartd (+ dbsync) and one Celery worker, each on a free local port."""
+class _ProcessStack:
+    """The process lifecycle both stacks share: spawn, wait for, and stop their processes.
+
+    Every process comes from one virtualenv, runs in its own process group and gets the same
+    scrubbed environment. A subclass sets the class attributes below and supplies ``start`` and
+    ``_service_env``.
+    """
 
     #: Seconds the Celery worker gets after SIGTERM before SIGKILL. Its warm (and even cold)
     #: shutdown takes 2.5-5 s with a polling transport (its loop checks for shutdown every
     #: 2 s); the broker is a throw-away directory, so nothing is lost by not waiting.
     WORKER_GRACE = 0.3
 
+    #: In "<label> <process> exited during startup".
+    _label: ClassVar[str]
+    #: In "<stack label> did not come up in time".
+    _stack_label: ClassVar[str]
+    #: Environment variables (by name, and by prefix) that would change what the services read
+    #: instead of our files.
+    _scrubbed_env: ClassVar[set[str]]
+    _scrubbed_env_prefixes: ClassVar[tuple[str, ...]]
+    #: The module (in :attr:`config_dir`) that ``CELERY_CONFIG_MODULE`` names.
+    _celery_config_module: ClassVar[str]
+
     def __init__(self, workdir: Path, venv: Path, host: str = HOST):
         self.workdir = Path(workdir).resolve()
         self.venv = Path(venv).resolve()
         self.host = host
-        self.archive_port = 0
-        self.cartd_port = 0
-        self.archive_url = ""
-        self.cartd_url = ""
         self.startup_seconds: float | None = None
         self._procs: dict[str, _Process] = {}
         self._started = False
 
+    def start(self, timeout: float = 60) -> Self:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ paths
     def _bin(self, name: str) -> Path:
         return self.venv / "bin" / name
-
-    @property
-    def archive_dir(self) -> Path:
-        return self.workdir / "archive"
-
-    @property
-    def cart_volume(self) -> Path:
-        return self.workdir / "cartd-volume"
 
     @property
     def broker_dir(self) -> Path:
@@ -261,8 +268,149 @@ class PacificaStack:
 
     @property
     def logs(self) -> dict[str, Path]:
-        """Log file of each process, by name (archive, dbsync, worker, cartd)."""
+        """Log file of each process, by name (``dbsync``, ``worker`` and the stack's services)."""
         return {name: proc.log for name, proc in self._procs.items()}
+
+    def _require_installed(self, executables: tuple[str, ...], what: str) -> None:
+        """RuntimeError naming every one of ``executables`` missing from the virtualenv."""
+        missing = [str(self._bin(exe)) for exe in executables if not os.access(self._bin(exe), os.X_OK)]
+        if missing:
+            raise RuntimeError(
+                f"{what} not installed (run scripts/install-pacifica-stack.sh): missing " + ", ".join(missing)
+            )
+
+    # ------------------------------------------------------------ environment
+    def _service_env(self) -> dict[str, str]:
+        """The stack's own variables (its config files, URLs), set after ``PYTHONPATH``."""
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in self._scrubbed_env and not key.startswith(self._scrubbed_env_prefixes)
+        }
+        env.update(
+            {
+                "PATH": f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": str(self.config_dir),
+            }
+        )
+        env.update(self._service_env())
+        env.update(
+            {
+                "CELERY_CONFIG_MODULE": self._celery_config_module,
+                # The worker leaves pymp-* directories in the temp dir when it is killed.
+                "TMPDIR": str(self.workdir / "tmp"),
+            }
+        )
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        # The workers talk HTTP (to the archive, the Policy, targets) with requests: never
+        # through a proxy.
+        for key in ("NO_PROXY", "no_proxy"):
+            env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))
+        return env
+
+    # -------------------------------------------------------------- lifecycle
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Process:
+        proc = _Process(name, argv, env, self.workdir, self.workdir / f"{name}.log")
+        self._procs[name] = proc
+        return proc
+
+    def _failure(self, message: str) -> RuntimeError:
+        parts = [message]
+        for name, proc in self._procs.items():
+            state = "running" if proc.alive() else f"exited {proc.popen.returncode}"
+            parts.append(f"--- {name} ({state}) {proc.log} ---\n{_tail(proc.log)}")
+        return RuntimeError("\n".join(parts))
+
+    def _wait_all(
+        self, checks: dict[str, Callable[[], bool]], deadline: float, may_exit: bool = False
+    ) -> None:
+        pending = dict(checks)
+        while pending:
+            for name, check in list(pending.items()):
+                if check():
+                    del pending[name]
+                elif not may_exit and not self._procs[name].alive():
+                    raise self._failure(f"{self._label} {name} exited during startup")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise self._failure(
+                    f"{self._stack_label} did not come up in time; waiting for " + ", ".join(pending)
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _worker_ready(self) -> bool:
+        log = self._procs["worker"].log
+        try:
+            with open(log, "rb") as handle:
+                return b" ready." in handle.read()
+        except OSError:
+            return False
+
+    def _stop_helpers(self) -> None:
+        """Stop what runs in this process (after the processes, before ``_started`` is reset)."""
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop every started process (and its children) by process group; idempotent.
+
+        All groups get SIGTERM at once; each leader then has until ``timeout`` (the Celery
+        worker only ``WORKER_GRACE``) before its group gets SIGKILL. What the stack runs in this
+        process (NotificationsStack's Policy stand-in) stops after that.
+        """
+        atexit.unregister(self.stop)
+        procs = list(self._procs.values())
+        for proc in procs:
+            proc.terminate()
+        now = time.monotonic()
+        errors = []
+        for proc in procs:
+            grace = min(timeout, self.WORKER_GRACE) if proc.name == "worker" else timeout
+            try:
+                proc.finish(now + grace)
+            except Exception as exc:  # keep stopping the others
+                errors.append(f"{proc.name}: {exc!r}")
+        self._stop_helpers()
+        self._started = False
+        if errors:
+            print(f"{type(self).__name__}.stop: " + "; ".join(errors), file=sys.stderr)
+
+    def __enter__(self) -> Self:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class PacificaStack(_ProcessStack):
+    """Archive Interface, Cartd (+ dbsync) and one Celery worker, each on a free local port."""
+
+    _label = "Pacifica"
+    _stack_label = "Pacifica stack"
+    _scrubbed_env = _SCRUBBED_ENV
+    _scrubbed_env_prefixes = _SCRUBBED_ENV_PREFIXES
+    _celery_config_module = CELERY_CONFIG_MODULE
+
+    def __init__(self, workdir: Path, venv: Path, host: str = HOST):
+        super().__init__(workdir, venv, host)
+        self.archive_port = 0
+        self.cartd_port = 0
+        self.archive_url = ""
+        self.cartd_url = ""
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def archive_dir(self) -> Path:
+        return self.workdir / "archive"
+
+    @property
+    def cart_volume(self) -> Path:
+        return self.workdir / "cartd-volume"
 
     # ----------------------------------------------------------------- config
     def _write_configs(self) -> None:
@@ -317,56 +465,21 @@ class PacificaStack:
         write_cherrypy_config(cfg / "cartd-cherrypy.ini", threads=8)
         write_celery_config(cfg / f"{CELERY_CONFIG_MODULE}.py", self.broker_dir, "the Pacifica Cartd stack")
 
-    def _env(self) -> dict[str, str]:
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_ENV_PREFIXES)
-        }
+    def _service_env(self) -> dict[str, str]:
         cfg = self.config_dir
-        env.update(
-            {
-                "PATH": f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}",
-                "PYTHONUNBUFFERED": "1",
-                "PYTHONPATH": str(cfg),
-                "ARCHIVEINTERFACE_CONFIG": str(cfg / "archiveinterface.ini"),
-                "ARCHIVEINTERFACE_CPCONFIG": str(cfg / "archive-cherrypy.ini"),
-                "CARTD_CONFIG": str(cfg / "cartd.ini"),
-                "CARTD_CPCONFIG": str(cfg / "cartd-cherrypy.ini"),
-                "CELERY_CONFIG_MODULE": CELERY_CONFIG_MODULE,
-                # The worker leaves pymp-* directories in the temp dir when it is killed.
-                "TMPDIR": str(self.workdir / "tmp"),
-            }
-        )
-        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
-        # Cartd's worker talks to the archive with requests: never through a proxy.
-        for key in ("NO_PROXY", "no_proxy"):
-            env[key] = ",".join(filter(None, [env.get(key, ""), "127.0.0.1", "localhost"]))
-        return env
+        return {
+            "ARCHIVEINTERFACE_CONFIG": str(cfg / "archiveinterface.ini"),
+            "ARCHIVEINTERFACE_CPCONFIG": str(cfg / "archive-cherrypy.ini"),
+            "CARTD_CONFIG": str(cfg / "cartd.ini"),
+            "CARTD_CPCONFIG": str(cfg / "cartd-cherrypy.ini"),
+        }
 
     # -------------------------------------------------------------- lifecycle
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> _Process:
-        proc = _Process(name, argv, env, self.workdir, self.workdir / f"{name}.log")
-        self._procs[name] = proc
-        return proc
-
-    def _failure(self, message: str) -> RuntimeError:
-        parts = [message]
-        for name, proc in self._procs.items():
-            state = "running" if proc.alive() else f"exited {proc.popen.returncode}"
-            parts.append(f"--- {name} ({state}) {proc.log} ---\n{_tail(proc.log)}")
-        return RuntimeError("\n".join(parts))
-
     def start(self, timeout: float = 60) -> PacificaStack:
         """Start every service and wait until each answers; RuntimeError (with logs) if not."""
         if self._started:
             raise RuntimeError("PacificaStack already started")
-        missing = [str(self._bin(exe)) for exe in _EXECUTABLES if not os.access(self._bin(exe), os.X_OK)]
-        if missing:
-            raise RuntimeError(
-                "Pacifica stack not installed (run scripts/install-pacifica-stack.sh): missing "
-                + ", ".join(missing)
-            )
+        self._require_installed(_EXECUTABLES, "Pacifica stack")
         began = time.monotonic()
         deadline = began + timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -455,24 +568,6 @@ class PacificaStack:
     ) -> None:
         self._wait_all({name: check}, deadline, may_exit=may_exit)
 
-    def _wait_all(
-        self, checks: dict[str, Callable[[], bool]], deadline: float, may_exit: bool = False
-    ) -> None:
-        pending = dict(checks)
-        while pending:
-            for name, check in list(pending.items()):
-                if check():
-                    del pending[name]
-                elif not may_exit and not self._procs[name].alive():
-                    raise self._failure(f"Pacifica {name} exited during startup")
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise self._failure(
-                    "Pacifica stack did not come up in time; waiting for " + ", ".join(pending)
-                )
-            time.sleep(POLL_INTERVAL)
-
     def _answers(self, port: int) -> bool:
         """Whether the service on ``port`` answers ``GET /`` with 200."""
         conn = http.client.HTTPConnection(self.host, port, timeout=2)
@@ -483,36 +578,6 @@ class PacificaStack:
             return False
         finally:
             conn.close()
-
-    def _worker_ready(self) -> bool:
-        log = self._procs["worker"].log
-        try:
-            with open(log, "rb") as handle:
-                return b" ready." in handle.read()
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 10) -> None:
-        """Stop every started process (and its children) by process group; idempotent.
-
-        All groups get SIGTERM at once; each leader then has until ``timeout`` (the Celery
-        worker only ``WORKER_GRACE``) before its group gets SIGKILL.
-        """
-        atexit.unregister(self.stop)
-        procs = list(self._procs.values())
-        for proc in procs:
-            proc.terminate()
-        now = time.monotonic()
-        errors = []
-        for proc in procs:
-            grace = min(timeout, self.WORKER_GRACE) if proc.name == "worker" else timeout
-            try:
-                proc.finish(now + grace)
-            except Exception as exc:  # keep stopping the others
-                errors.append(f"{proc.name}: {exc!r}")
-        self._started = False
-        if errors:
-            print("PacificaStack.stop: " + "; ".join(errors), file=sys.stderr)
 
     def stop_cartd(self, timeout: float = 10) -> None:
         """Stop only the Cartd REST server (the archive and the Celery worker keep running).
@@ -543,14 +608,6 @@ class PacificaStack:
         deadline = time.monotonic() + timeout
         self._spawn("cartd", old.argv, self._env())
         self._wait_for("cartd", lambda: self._answers(self.cartd_port), deadline)
-
-    def __enter__(self) -> PacificaStack:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ files
     def _put(self, file_id: int | str, body: Any, length: int, mtime: float | None) -> None:
