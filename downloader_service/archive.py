@@ -260,8 +260,9 @@ class _Header:
 
     Read with slices and ``int()`` instead of ``tarfile.TarInfo.frombuf``, which decodes
     every field (owner, group, devices, ...) and took half the parsing time of small files.
-    The rules are tarfile's: a checksum over the block, octal or base-256 numbers, a ustar
-    prefix joined to the name, trailing slashes taken from directories.
+    The rules are tarfile's: a checksum over the block (which must be there), octal or
+    base-256 numbers, a ustar prefix joined to the name, trailing slashes taken from
+    directories.
     """
 
     __slots__ = ("linkname", "mtime", "name", "offset", "size", "type")
@@ -277,7 +278,12 @@ class _Header:
     @classmethod
     def parse(cls, block: bytes, offset: int) -> _Header:
         """The header in ``block`` (512 bytes, not all NUL) at byte ``offset`` of the tar."""
-        checksum = _number(block[148:156])
+        field = block[148:156]
+        if not field.strip(b"\0 "):
+            # Stricter than tarfile, which reads an empty field as 0: bytes that are no tar at
+            # all (a gzip stream) match that one time in a few thousand, as signed bytes.
+            raise _Malformed("no checksum")
+        checksum = _number(field)
         if checksum != 256 + sum(block[:148]) + sum(block[156:]) and checksum != 256 + sum(
             struct.unpack_from("148b8x356b", block)
         ):
