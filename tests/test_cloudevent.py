@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,3 +202,62 @@ def test_files_shortens_a_huge_id_and_event_id_in_messages() -> None:
         CloudEvent.files(event)
     assert len(str(info.value)) < 1000
     assert len(info.value.object) < 300
+
+
+# -- CloudEvent.loads: a large event parsed lean ------------------------------------------
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "notifications-event-0.1.json"
+
+
+def test_loads_gives_the_same_files_and_keeps_everything_but_files_objects_as_is() -> None:
+    text = FIXTURE.read_text(encoding="utf-8")
+    full, lean = json.loads(text), CloudEvent.loads(text)
+
+    def refusal(event: Any) -> str:
+        with pytest.raises(InvalidEventError) as info:
+            CloudEvent.files(event)
+        return str(info.value)
+
+    assert refusal(lean) == refusal(full)  # the upstream fixture is refused alike (a file lacks _id)
+    for index, obj in enumerate(full["data"]):
+        if obj.get("destinationTable") == "Files":
+            obj.setdefault("_id", 1000 + index)
+    fixed = json.dumps(full)
+    assert CloudEvent.files(CloudEvent.loads(fixed)) == CloudEvent.files(json.loads(fixed))
+    others = [obj for obj in lean["data"] if obj.get("destinationTable") != "Files"]
+    assert others == [obj for obj in json.loads(text)["data"] if obj.get("destinationTable") != "Files"]
+    assert all(type(obj) is dict for obj in others)
+    assert {k: v for k, v in lean.items() if k != "data"} == {k: v for k, v in full.items() if k != "data"}
+
+
+def test_loads_file_objects_are_read_only_mappings_of_the_keys_a_download_reads() -> None:
+    obj = file_obj(7, "x.bin", "a", b"x") | {"mimetype": "text/plain", "ctime": "yesterday"}
+    lean = CloudEvent.loads(json.dumps({"data": [obj]}))["data"][0]
+    assert dict(lean) == {
+        k: obj[k] for k in ("_id", "destinationTable", "name", "subdir", "hashtype", "hashsum", "size")
+    }
+    assert lean.get("mimetype") is None and "ctime" not in lean and len(lean) == 7
+    with pytest.raises(KeyError):
+        lean["mimetype"]
+    with pytest.raises(ValueError, match="Expecting value"):
+        CloudEvent.loads('{"data": [')
+
+
+def test_loads_holds_far_less_memory_than_json_loads_for_many_files() -> None:
+    import tracemalloc
+
+    files = [file_obj(i, f"file-{i}.dat", "run/1", str(i).encode()) for i in range(5000)]
+    text = json.dumps(make_event(files))
+
+    def held(loads: Any) -> int:
+        """Bytes the parsed event holds (traced while it is alive)."""
+        tracemalloc.start()
+        try:
+            event = loads(text)
+            size: int = tracemalloc.get_traced_memory()[0]
+            del event
+            return size
+        finally:
+            tracemalloc.stop()
+
+    assert held(CloudEvent.loads) < 0.6 * held(json.loads)  # 0.47 here: 330 bytes a file, not 690

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -182,10 +182,12 @@ def _add_download(commands: Any) -> None:
 
 def _download_event(args: argparse.Namespace) -> int:
     def files() -> tuple[Any, int | None]:
-        event = _read_json(args.event_file, "event")
+        event = _read_json(args.event_file, "event", CloudEvent.loads)  # Files objects kept lean
         data = event.get("data") if isinstance(event, dict) else None
         listed = data if isinstance(data, list) else []
-        objects = [obj for obj in listed if isinstance(obj, dict) and obj.get("destinationTable") == "Files"]
+        objects = [
+            obj for obj in listed if isinstance(obj, Mapping) and obj.get("destinationTable") == "Files"
+        ]
         return CloudEvent.files(event), _total_size(objects)
 
     return _download(args, files)
@@ -219,13 +221,13 @@ def _check_transaction_id(doc: Any, wanted: str, path: Path) -> None:
 
 def _total_size(objects: list[Any]) -> int | None:
     """The bytes to expect, when every file says its ``size`` (else the bar shows no total)."""
-    sizes = [obj.get("size") if isinstance(obj, dict) else None for obj in objects]
+    sizes = [obj.get("size") if isinstance(obj, Mapping) else None for obj in objects]
     if not sizes or not all(isinstance(size, int) and size >= 0 for size in sizes):
         return None
     return sum(sizes)  # type: ignore[arg-type]
 
 
-def _read_json(source: str, what: str) -> Any:
+def _read_json(source: str, what: str, loads: Callable[[str], Any] = json.loads) -> Any:
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
@@ -235,7 +237,7 @@ def _read_json(source: str, what: str) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"the {what} file {source} is not UTF-8 text", field="file") from exc
     try:
-        return json.loads(text)
+        return loads(text)
     except ValueError as exc:
         name = "standard input" if source == "-" else source
         raise InvalidInputError(f"the {what} in {name} is not valid JSON: {exc}", field="file") from exc
