@@ -213,10 +213,11 @@ def extract_cart(
     ``top`` is another name the tar's top directory may have (a bundled cart's is the cart's
     uid): its members are placed, and checked, as if they were under ``filename/``.
 
-    With ``resume``, a stream that breaks (:class:`DownloadInterruptedError`) is opened again
-    from the header of the first member not yet written and verified, at most
-    ``max_resumes`` times; a file cut midway is discarded and fetched again whole. If the
-    server sends the whole tar instead, the extraction starts over.
+    With ``resume``, a stream that breaks (:class:`DownloadInterruptedError`) is opened again,
+    at most ``max_resumes`` times: a file cut midway goes on from its first byte not yet
+    written, with its hash so far (so the checksum still covers every byte), a cut between
+    files from the next member's first header. If the server sends the whole tar instead,
+    the extraction starts over.
     """
     extractor = _Extractor(
         location, check_destination(location, filename, files), files, progress or DownloadProgress()
@@ -432,6 +433,7 @@ class _Member:
     size: int
     mtime: float
     file: CartFile | None
+    start: int  # offset in the cart's tar of its first data byte
     end: int  # offset in the cart's tar after its data
 
 
@@ -565,8 +567,17 @@ class _Writer(threading.Thread):
         extractor.resume_at = member.end
         extractor.progress.file_finished(member.path)
 
+    def detach(self) -> tuple[int, Any]:
+        """Give up the open file (descriptor and hash so far) for a resumed stream to go on with."""
+        kept, self.fd, self.member = (self.fd, self.digest), -1, None
+        return kept
+
+    def adopt(self, member: _Member, fd: int, digest: Any) -> None:
+        """Go on with a file an earlier stream began: the bytes on disk are already hashed."""
+        self.member, self.fd, self.digest = member, fd, digest
+
     def close_partial(self) -> None:
-        """Close the file left open by a stream that broke (the extractor discards it)."""
+        """Close a file left open by an extraction that stopped."""
         if self.fd != -1:
             os.close(self.fd)
             self.fd = -1
@@ -607,6 +618,8 @@ class _Extractor:
         self.resumable = True  # False once a global pax header was read: it would be lost
         self.partial: _Member | None = None
         self.partial_from = 0  # self.bytes when the partial file began
+        # The partial file's descriptor and hash after a stream broke, for the resume.
+        self.kept: tuple[int, Any] | None = None
         self.global_pax: dict[str, str] = {}
         self.global_bytes = 0  # bytes of global pax headers read so far
         self.free = 0  # bytes the disk is known to have left for the files to come
@@ -642,11 +655,16 @@ class _Extractor:
     def _stream_all(
         self, stream: Readable, staging: Path, buffers: _Buffers, resume: Resume | None, max_resumes: int
     ) -> None:
-        """Parse the tar, opening it again with ``resume`` where the stream broke."""
+        """Parse the tar, opening it again with ``resume`` where the stream broke.
+
+        A file cut midway goes on from its first byte not yet written: the bytes on disk are
+        the bytes already hashed, so the checksum still covers every byte of the file.
+        """
         resumes = 0
         start = 0
         self.free = shutil.disk_usage(staging).free
-        with contextlib.ExitStack() as reopened:
+        opened = contextlib.ExitStack()  # the stream of the last resume, if any
+        try:
             while True:
                 try:
                     self._parse(stream, start, str(staging), buffers)
@@ -655,16 +673,26 @@ class _Extractor:
                     if resume is None or resumes >= max_resumes or not self.resumable:
                         raise
                     resumes += 1
+                    offset = self._resume_offset()
                     LOGGER.info(
                         "cart stream broke, resuming",
-                        extra={"offset": self.resume_at, "resume": resumes, "detail": str(exc)},
+                        extra={"offset": offset, "resume": resumes, "detail": str(exc)},
                     )
-                    self._discard_partial()
-                    reopened.close()  # the broken stream we opened, if it was ours
-                    ranged = reopened.enter_context(resume(self.resume_at))
+                    opened.close()  # the broken stream, if it was one we opened
+                    ranged = opened.enter_context(resume(offset))
                     stream, start = ranged, ranged.start
-                    if start != self.resume_at:  # the server sent the whole tar again
+                    if start != offset:  # the server sent the whole tar again
                         self._start_over(staging)
+        finally:
+            opened.close()
+            self._discard_partial()  # a file kept open for a resume that did not come
+
+    def _resume_offset(self) -> int:
+        """Where the tar is asked again from: the partial file's next byte, or the next header."""
+        if self.partial is None or self.kept is None:
+            self._discard_partial()
+            return self.resume_at
+        return self.partial.start + self.bytes - self.partial_from
 
     def _parse(self, stream: Readable, start: int, staging: str, buffers: _Buffers) -> None:
         """Take the members of a tar stream that begins at byte ``start`` of the cart's tar.
@@ -675,6 +703,10 @@ class _Extractor:
         writer.start()
         reader = _Reader(stream, start, buffers, writer)
         try:
+            if self.kept is not None and self.partial is not None:  # a file cut midway goes on
+                (fd, digest), self.kept = self.kept, None
+                writer.adopt(self.partial, fd, digest)
+                self._take_data(reader, writer, self.partial, self.partial.end - reader.offset)
             while (member := self._next(reader)) is not None:
                 self._rename_top(member)
                 end = reader.offset + (_padded(member.size) if member.isreg() else 0)
@@ -687,8 +719,11 @@ class _Extractor:
                     writer.mark(end)
                 writer.check()
         except DownloadInterruptedError:
-            # What arrived whole is still written and verified: the resume starts after it.
-            self._stop(reader, writer, abort=False)
+            # Everything that arrived is still written: the resume goes on from there.
+            reader.close()
+            writer.finish(abort=False)
+            if writer.fd != -1:
+                self.kept = writer.detach()
             writer.check()
             raise
         except BaseException:
@@ -722,23 +757,30 @@ class _Extractor:
             self._made(directory)
         file = self.expected.get(path)
         self.written[path if file is None else file.path] = None  # the string held already
-        member = _Member(path, f"{staging}/{name}", size, info.mtime, file, end)
-        padding = _padded(size) - size
+        member = _Member(path, f"{staging}/{name}", size, info.mtime, file, reader.offset, end)
         if size < _INLINE_BELOW:
             # Handing a small file over costs more than writing it: two threads taking turns
             # on the GIL for every system call made 2000 small files ~3 times slower.
             writer.drain()
             writer.open_file(member)
-            for view in reader.views(size):
+        else:
+            writer.put(("open", member))
+        self._take_data(reader, writer, member, end - reader.offset)
+
+    @staticmethod
+    def _take_data(reader: _Reader, writer: _Writer, member: _Member, left: int) -> None:
+        """Hand the ``left`` bytes of ``member`` still to come (and padding) to the writer."""
+        data = max(left - (_padded(member.size) - member.size), 0)  # the file's bytes, not padding
+        if member.size < _INLINE_BELOW:
+            for view in reader.views(data):
                 writer.write(view)
-            reader.skip(padding)
+            reader.skip(left - data)
             writer.close_file()
             return
         put = writer.put
-        put(("open", member))
-        for view in reader.views(size):
+        for view in reader.views(data):
             put(("data", view))
-        reader.skip(padding)
+        reader.skip(left - data)
         put(("close",))
         writer.queued = True
 
@@ -822,7 +864,10 @@ class _Extractor:
                 member.name = self.filename + slash + rest
 
     def _discard_partial(self) -> None:
-        """Forget the file cut midway: it is fetched again from its header, never trusted."""
+        """Forget the file cut midway (closed, removed), when its download cannot go on."""
+        if self.kept is not None:
+            os.close(self.kept[0])
+            self.kept = None
         if self.partial is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.partial.target)
@@ -833,6 +878,7 @@ class _Extractor:
     def _start_over(self, staging: Path) -> None:
         """The server ignored the range: drop everything staged and take the tar from byte 0."""
         LOGGER.info("the server sent the whole cart again; starting over")
+        self._discard_partial()
         for child in staging.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -200,6 +201,49 @@ def test_extract_cart_large_file_cut_short_is_an_error_and_leaves_nothing(tmp_pa
     with pytest.raises(DownloadInterruptedError, match="cut short or malformed"):
         extract(tmp_path, data[:cut], files=BIG_FILES)
     assert list((tmp_path / "dest").iterdir()) == []
+
+
+class _CutStream:
+    """The tar up to ``cut`` bytes, then a broken connection; ``start`` is where it begins."""
+
+    def __init__(self, data: bytes, cut: int, start: int = 0) -> None:
+        self.data, self.cut, self.start, self.pos = data, cut, start, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= self.cut:
+            raise DownloadInterruptedError("the connection broke")
+        chunk = self.data[self.pos : min(self.pos + (size if size >= 0 else self.cut), self.cut)]
+        self.pos += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("size", [100_000, 3 << 20], ids=["written inline", "written by the thread"])
+@pytest.mark.parametrize("changed", [False, True], ids=["same bytes", "other bytes after the cut"])
+def test_extract_cart_resumed_inside_a_file_goes_on_and_still_verifies_it_whole(
+    tmp_path: Path, size: int, changed: bool
+) -> None:
+    content = os.urandom(size)
+    files = [CartFile("1", "f.bin", "sha1", sha1(content))]
+    data = build_tar([Member("data", type=tarfile.DIRTYPE), Member("data/f.bin", content)])
+    cut = len(data) // 2
+    served = bytearray(data)
+    if changed:
+        served[cut + 10] ^= 1  # the resumed stream is not the tar the first one began
+    offsets: list[int] = []
+
+    def resume(offset: int) -> contextlib.AbstractContextManager[_CutStream]:
+        offsets.append(offset)
+        return contextlib.nullcontext(_CutStream(bytes(served[offset:]), len(served), start=offset))
+
+    stream = _CutStream(data, cut)
+    if changed:
+        with pytest.raises(HashMismatchError):
+            extract_cart(stream, tmp_path, "data", files, resume=resume)  # type: ignore[arg-type]
+        assert list(tmp_path.iterdir()) == []
+    else:
+        extract_cart(stream, tmp_path, "data", files, resume=resume)  # type: ignore[arg-type]
+        assert (tmp_path / "data/f.bin").read_bytes() == content
+    assert offsets == [cut]  # on from the very byte, not from the file's header
 
 
 def test_extract_cart_missing_file_is_an_error(tmp_path: Path) -> None:
