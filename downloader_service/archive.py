@@ -331,28 +331,28 @@ def _number(field: bytes) -> int:
         raise _Malformed("invalid header") from None
 
 
-class _Buffers:
-    """The tar's bytes, read into a few reusable buffers (``readinto``, no copy per chunk).
+Pool = queue.SimpleQueue[bytearray]
+
+
+def _pool(size: int, count: int) -> Pool:
+    """``count`` reusable buffers of ``size`` bytes the tar is read into (no copy per chunk).
 
     Data views handed to the writer point into a buffer; a buffer goes back to the pool only
     when the writer has finished with everything before its ``release``, so at most
     ``count * size`` bytes are ever held, however large the cart.
     """
-
-    def __init__(self, size: int, count: int) -> None:
-        self.size = size
-        self.pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(count):
-            self.pool.put(bytearray(size))
+    pool: Pool = queue.SimpleQueue()
+    for _ in range(count):
+        pool.put(bytearray(size))
+    return pool
 
 
 class _Reader:
-    """Reads one stream of the tar through :class:`_Buffers`, counting its offset in the tar."""
+    """Reads one stream of the tar into the writer's pool of buffers, counting its offset."""
 
-    def __init__(self, stream: Readable, start: int, buffers: _Buffers, writer: _Writer) -> None:
+    def __init__(self, stream: Readable, start: int, writer: _Writer) -> None:
         self.stream = stream
         self.readinto: Callable[[memoryview], int] | None = getattr(stream, "readinto", None)
-        self.buffers = buffers
         self.writer = writer
         self.offset = start  # offset in the cart's tar of the next byte not yet taken
         self.buffer: bytearray | None = None
@@ -365,10 +365,8 @@ class _Reader:
         """Hand the spent buffer to the writer and read into a free one; False at the end."""
         if self.eof:
             return False
-        if self.buffer is not None:
-            self.writer.put(("release", self.buffer))
-            self.buffer = None
-        buffer = self.writer.free_buffer(self.buffers)
+        self.close()
+        buffer = self.writer.free_buffer()
         view = memoryview(buffer)
         try:
             if self.readinto is not None:
@@ -378,7 +376,7 @@ class _Reader:
                 count = len(data)
                 view[:count] = data
         except BaseException:
-            self.buffers.pool.put(buffer)
+            self.writer.pool.put(buffer)
             raise
         self.buffer, self.view, self.pos, self.end = buffer, view, 0, count
         self.eof = count == 0
@@ -446,16 +444,16 @@ class _Writer(threading.Thread):
     still given back so that the reader never waits forever; the reader raises it.
     """
 
-    def __init__(self, extractor: _Extractor) -> None:
+    def __init__(self, extractor: _Extractor, pool: Pool) -> None:
         super().__init__(name="cart-writer", daemon=True)
         self.extractor = extractor
+        self.pool = pool  # where buffers go back once the data in them is written
         self.ops: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.abort = False
         self.fd = -1
         self.member: _Member | None = None
         self.digest: Any = None
-        self.pool: queue.SimpleQueue[bytearray] | None = None
         self.queued = False  # work was queued since the last drain
 
     def put(self, op: tuple[Any, ...]) -> None:
@@ -477,13 +475,12 @@ class _Writer(threading.Thread):
         else:
             self.extractor.resume_at = end
 
-    def free_buffer(self, buffers: _Buffers) -> bytearray:
+    def free_buffer(self) -> bytearray:
         """A buffer the writer is done with; raises the writer's error as soon as there is one."""
-        self.pool = buffers.pool
         while True:
             self.check()
             try:
-                return buffers.pool.get(timeout=0.5)
+                return self.pool.get(timeout=0.5)
             except queue.Empty:
                 continue
 
@@ -503,7 +500,6 @@ class _Writer(threading.Thread):
             op = ops.get()
             kind = op[0]
             if kind == "release":
-                assert self.pool is not None
                 self.pool.put(op[1])
                 continue
             if kind == "stop":
@@ -633,7 +629,7 @@ class _Extractor:
         max_resumes: int = 0,
     ) -> None:
         try:
-            self._stream_all(stream, staging, _Buffers(chunk_size, _BUFFERS), resume, max_resumes)
+            self._stream_all(stream, staging, _pool(chunk_size, _BUFFERS), resume, max_resumes)
         except DownloaderError:
             raise
         # A bad header is a TarError; a hostile pax header (a size that is not a number) a ValueError.
@@ -653,7 +649,7 @@ class _Extractor:
             )
 
     def _stream_all(
-        self, stream: Readable, staging: Path, buffers: _Buffers, resume: Resume | None, max_resumes: int
+        self, stream: Readable, staging: Path, pool: Pool, resume: Resume | None, max_resumes: int
     ) -> None:
         """Parse the tar, opening it again with ``resume`` where the stream broke.
 
@@ -667,7 +663,7 @@ class _Extractor:
         try:
             while True:
                 try:
-                    self._parse(stream, start, str(staging), buffers)
+                    self._parse(stream, start, str(staging), pool)
                     return
                 except DownloadInterruptedError as exc:  # the connection, not the tar
                     if resume is None or resumes >= max_resumes or not self.resumable:
@@ -694,14 +690,14 @@ class _Extractor:
             return self.resume_at
         return self.partial.start + self.bytes - self.partial_from
 
-    def _parse(self, stream: Readable, start: int, staging: str, buffers: _Buffers) -> None:
+    def _parse(self, stream: Readable, start: int, staging: str, pool: Pool) -> None:
         """Take the members of a tar stream that begins at byte ``start`` of the cart's tar.
 
         This thread reads and checks headers; a :class:`_Writer` hashes and writes the data.
         """
-        writer = _Writer(self)
+        writer = _Writer(self, pool)
         writer.start()
-        reader = _Reader(stream, start, buffers, writer)
+        reader = _Reader(stream, start, writer)
         try:
             if self.kept is not None and self.partial is not None:  # a file cut midway goes on
                 (fd, digest), self.kept = self.kept, None
@@ -713,17 +709,12 @@ class _Extractor:
                 if self._check(member):
                     self._queue_file(reader, writer, member, staging, end)
                 else:
-                    if member.name not in self.made:
-                        os.makedirs(f"{staging}/{member.name}", exist_ok=True)
-                        self._made(member.name)
+                    self._make_dir(staging, member.name)
                     writer.mark(end)
                 writer.check()
         except DownloadInterruptedError:
             # Everything that arrived is still written: the resume goes on from there.
-            reader.close()
-            writer.finish(abort=False)
-            if writer.fd != -1:
-                self.kept = writer.detach()
+            self._stop(reader, writer, abort=False, keep=True)
             writer.check()
             raise
         except BaseException:
@@ -733,10 +724,12 @@ class _Extractor:
         self._stop(reader, writer, abort=False)
         writer.check()
 
-    @staticmethod
-    def _stop(reader: _Reader, writer: _Writer, abort: bool) -> None:
+    def _stop(self, reader: _Reader, writer: _Writer, abort: bool, keep: bool = False) -> None:
+        """End the writer; with ``keep``, a file it left open is kept for a resume."""
         reader.close()
         writer.finish(abort)
+        if keep and writer.fd != -1:
+            self.kept = writer.detach()
         writer.close_partial()
 
     def _queue_file(self, reader: _Reader, writer: _Writer, info: _Header, staging: str, end: int) -> None:
@@ -751,10 +744,7 @@ class _Extractor:
                     path=path,
                 )
         self.free -= size
-        directory = name.rpartition("/")[0]
-        if directory not in self.made:
-            os.makedirs(f"{staging}/{directory}", exist_ok=True)
-            self._made(directory)
+        self._make_dir(staging, name.rpartition("/")[0])
         file = self.expected.get(path)
         self.written[path if file is None else file.path] = None  # the string held already
         member = _Member(path, f"{staging}/{name}", size, info.mtime, file, reader.offset, end)
@@ -784,9 +774,12 @@ class _Extractor:
         put(("close",))
         writer.queued = True
 
-    def _made(self, directory: str) -> None:
-        self.made.add(directory)
-        self.made.update(_parents(directory))
+    def _make_dir(self, staging: str, directory: str) -> None:
+        """Make ``directory`` (and its parents) in staging, once."""
+        if directory not in self.made:
+            os.makedirs(f"{staging}/{directory}", exist_ok=True)
+            self.made.add(directory)
+            self.made.update(_parents(directory))
 
     def _next(self, reader: _Reader) -> _Header | None:
         """The next member with its pax headers and GNU long names applied; None at the end.
