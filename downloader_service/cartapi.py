@@ -22,7 +22,7 @@ import requests
 import urllib3.exceptions
 import urllib3.response
 
-from .cartfile import CartdFile, CartFile, YieldFiles
+from .cartfile import CartFile, YieldFiles
 from .errors import (
     CartError,
     CartFailedError,
@@ -314,14 +314,10 @@ def _cart_document(yield_files: YieldFiles, bundle: bool) -> tuple[bytearray, in
     """
     body = bytearray(b'{"fileids": [')
     count = 0
-    batch: list[CartdFile] = []
-    for obj in itertools.chain(yield_files(), [None]):
-        if obj is not None:
-            batch.append(CartFile.from_cartd(obj).as_cartd())
-        if len(batch) >= _BATCH or (obj is None and batch):
-            body += (", " if count else "").encode() + json.dumps(batch)[1:-1].encode()
-            count += len(batch)
-            batch.clear()
+    files = (CartFile.from_cartd(obj).as_cartd() for obj in yield_files())
+    while batch := list(itertools.islice(files, _BATCH)):
+        body += (b", " if count else b"") + json.dumps(batch)[1:-1].encode()
+        count += len(batch)
     body += b'], "bundle": true}' if bundle else b"]}"  # without the key Cartd applies its setting
     return body, count
 

@@ -47,6 +47,19 @@ def test_setup_cart_posts_fileids_and_returns_cart_url(fake_cartd: FakeCartd) ->
     assert fake_cartd.carts[uid].fileids == one_file()
 
 
+@pytest.mark.parametrize("count", [999, 1000, 2501])
+def test_setup_cart_posts_every_file_across_encoding_batches(fake_cartd: FakeCartd, count: int) -> None:
+    # The body is encoded 1000 files at a time: none may be lost or doubled at a boundary.
+    fileids = [
+        {"id": str(i), "path": f"d/{i}.bin", "hashtype": "sha1", "hashsum": sha1(b"%d" % i)}
+        for i in range(count)
+    ]
+    cart_url = CartAPI(fake_cartd.url).setup_cart(lambda: iter(fileids), bundle=True)
+    cart = fake_cartd.carts[cart_url.rsplit("/", 1)[1]]
+    assert cart.fileids == fileids
+    assert cart.bundle
+
+
 def test_setup_cart_validates_what_yield_files_yields(fake_cartd: FakeCartd) -> None:
     bad = [{"id": "1", "path": "../x", "hashtype": "sha1", "hashsum": sha1(b"x")}]
     with pytest.raises(InvalidInputError, match=r"'\.\.'"):
