@@ -305,8 +305,8 @@ def test_browser_lists_jobs_and_retry_requeues_the_failed_one(
     good_and_bad: tuple[dict[str, Any], dict[str, Any]],
     tmp_path: Path,
 ) -> None:
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     root = tmp_path / "root"
@@ -336,8 +336,18 @@ def test_browser_lists_jobs_and_retry_requeues_the_failed_one(
 
         fake_cartd.head = lambda cart: (204, "ready", "")
         failed_row.find_element(By.CSS_SELECTOR, "button.retry").click()
-        # The script calls the API, then reloads: the old row goes stale.
-        WebDriverWait(browser, 10).until(expected_conditions.staleness_of(failed_row))
+        # The script calls the API, then reloads: the old row goes stale. Mid-reload Chromium
+        # may say so as "Node with given id does not belong to the document" rather than as a
+        # stale reference (selenium's staleness_of lets that through and failed CI once).
+
+        def old_row_gone(_driver: WebDriver) -> bool:
+            try:
+                failed_row.is_enabled()
+            except WebDriverException:  # StaleElementReferenceException is one
+                return True
+            return False
+
+        WebDriverWait(browser, 10).until(old_row_gone)
         deadline = time.monotonic() + 30
         while True:
             state = browser.find_element(By.CSS_SELECTOR, f"#job-{failed['job_id']} td.state").text
