@@ -7,9 +7,9 @@ gets), ``bundle`` (ours with ``bundle=True``) or ``upstream`` (pacifica-download
 runs under ``.venv`` (ours) or ``.venv-upstream`` (upstream), so only the standard library is
 imported here before the tool itself. The cart's uid is fixed by the harness (both libraries
 pick a uuid4 themselves; only that choice is replaced), so the harness can watch the cart's
-status while this process downloads it. Ours parses the event file with ``CloudEvent.loads``,
-as our command line does (each Files object kept lean), upstream with ``json.loads``; neither
-keeps the file's text.
+status while this process downloads it. Ours reads the event file with
+``CloudEvent.read_files``, as our command line does (the text is read a window at a time and
+only the files are kept), upstream with ``json.loads``.
 
 Prints one JSON line: ``{"start", "ready_seen", "done", "vmhwm_kb"}``, plus for ours
 ``"deleted"`` and ``"deletes_done"``. Times are on ``time.monotonic()`` (one clock for every
@@ -36,8 +36,9 @@ UPSTREAM_CART_TIMEOUT = 900
 def run_ours(cart_api_url: str, uid: str, event_path: str, location: str, bundle: bool) -> dict[str, Any]:
     from downloader_service import CloudEvent, Downloader, DownloadProgress
 
-    # As our command line reads an event file; the file's text is not kept.
-    event = CloudEvent.loads(Path(event_path).read_bytes())
+    # As our command line reads an event file: a window at a time, keeping only the files.
+    with open(event_path, "rb") as source:
+        files = CloudEvent.read_files(source)
     marks: dict[str, Any] = {}
 
     class ReadyMark(DownloadProgress):
@@ -49,7 +50,7 @@ def run_ours(cart_api_url: str, uid: str, event_path: str, location: str, bundle
     cart_url = f"{cart_api_url.rstrip('/')}/{uid}"
     downloader.cart_api.new_cart_url = lambda: cart_url  # type: ignore[method-assign]
     marks["start"] = time.monotonic()
-    downloader.cloudevent(event)
+    downloader.download(files)
     marks["done"] = time.monotonic()
     marks["deletes_done"] = downloader.wait_for_deletes(DELETE_TIMEOUT)
     marks["deleted"] = time.monotonic()

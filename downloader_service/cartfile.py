@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,47 +113,82 @@ def check_path(path: str) -> None:
 
 
 def collect_files(
-    entries: Iterable[tuple[str, Any, Any, Any, Mapping[str, Any]]],
+    entries: Iterable[tuple[Any, Any, Any, Any, Mapping[str, Any]]],
     error: type[InvalidInputError],
-    what: str,
+    what: str | Callable[[], str],
+    describe: Callable[[Any, str | None], str] | None = None,
 ) -> list[CartFile]:
-    """Validate ``(label, id, name, subdir, obj)`` entries, raising once with every problem.
+    """Validate ``(key, id, name, subdir, obj)`` entries, raising once with every problem.
 
-    ``label`` names the object in messages (its index or id), ``error`` is the class raised.
-    Two files landing on the same path are refused: the second would overwrite the first; so
-    are a file ``a`` and a file ``a/b``: ``a`` cannot be both a file and a directory. The
-    message lists the first problems (:data:`PROBLEMS_SHOWN`, in :data:`PROBLEMS_CHARS`) and
-    counts the rest.
+    ``key`` names the object in messages: ``describe(key, id)`` makes its label (the id as
+    text, or None) when a problem is found, or ``str(key)`` without ``describe``; no label is
+    made for a file without a problem. ``what`` (or what it returns, asked only for an error)
+    names the document, ``error`` is the class raised. Two files landing on the same path are
+    refused: the second would overwrite the first; so are a file ``a`` and a file ``a/b``:
+    ``a`` cannot be both a file and a directory. Each object's own problems come first, then
+    these conflicts between files. The message lists the first problems
+    (:data:`PROBLEMS_SHOWN`, in :data:`PROBLEMS_CHARS`) and counts the rest.
     """
     files: list[CartFile] = []
+    keys: list[Any] = []  # each file's key, in step with files
     problems = _Problems()
-    seen: dict[str, str] = {}  # path -> label of the object it came from
-    for label, file_id, name, subdir, obj in entries:
+
+    def label(key: Any, file_id: str | None) -> str:
+        return describe(key, file_id) if describe is not None else str(key)
+
+    for key, file_id, name, subdir, obj in entries:
         mine: list[tuple[str, str]] = []
         file = _build(file_id, name, subdir, obj, mine)
-        if file is not None and file.path in seen:
-            mine.append(("path", f"{echo(file.path)} repeats the path of {seen[file.path]}"))
         for field, why in mine:
-            problems.add(label, field, why)
-        if file is not None and not mine:
-            seen[file.path] = label
+            problems.add(label(key, None if file_id is None else echo(file_id)), field, why)
+        if file is not None:
             files.append(file)
-    for label, why in _clashes(seen):
-        problems.add(label, "path", why)
-    problems.raise_if_any(error, f"invalid {what}")
+            keys.append(key)
+    if len(files) > 1:
+        positions: dict[int, int] = {}
+
+        def named(file: CartFile) -> str:
+            if not positions:  # only once a conflict is found
+                positions.update((id(each), index) for index, each in enumerate(files))
+            return label(keys[positions[id(file)]], file.id)
+
+        for file, why in _conflicts(files, named):
+            problems.add(named(file), "path", why)
+    problems.raise_if_any(error, f"invalid {what if isinstance(what, str) else what()}")
     if not files:
-        raise NoFilesError(f"the {what} lists no files", field="files")
+        raise NoFilesError(f"the {what if isinstance(what, str) else what()} lists no files", field="files")
     return files
 
 
 def as_yield_files(files: Iterable[CartFile]) -> YieldFiles:
     """Wrap validated files in the callable ``CartAPI.setup_cart`` takes (the upstream shape)."""
-    frozen = tuple(files)
+    return _YieldCartFiles(files)
 
-    def yield_files() -> Iterator[CartdFile]:
-        return (file.as_cartd() for file in frozen)
 
-    return yield_files
+def validated_files(yield_files: YieldFiles) -> Sequence[CartFile]:
+    """The files ``yield_files`` stands for, each checked by :meth:`CartFile.from_cartd`.
+
+    Raises on the first bad one. Files :func:`as_yield_files` wrapped are checked and given
+    back as they are (a ``CartFile`` may be made by hand); anything else yields Cartd objects,
+    each made into a new ``CartFile``.
+    """
+    if isinstance(yield_files, _YieldCartFiles):
+        for file in yield_files.files:
+            CartFile.from_cartd(file.as_cartd())
+        return yield_files.files
+    return [CartFile.from_cartd(obj) for obj in yield_files()]
+
+
+class _YieldCartFiles:
+    """What :func:`as_yield_files` returns: called, it yields each file's Cartd object."""
+
+    __slots__ = ("files",)
+
+    def __init__(self, files: Iterable[CartFile]) -> None:
+        self.files = tuple(files)
+
+    def __call__(self) -> Iterator[CartdFile]:
+        return (file.as_cartd() for file in self.files)
 
 
 class _Problems:
@@ -188,20 +222,29 @@ class _Problems:
         )
 
 
-def _clashes(paths: Mapping[str, str]) -> Iterator[tuple[str, str]]:
-    """``(label, why)`` for each file that needs another file's path as a directory.
+def _conflicts(files: Iterable[CartFile], named: Callable[[CartFile], str]) -> Iterator[tuple[CartFile, str]]:
+    """``(file, why)`` for each file whose path repeats another's, or needs another's as a directory.
 
-    With ``/`` mapped to NUL, which no path holds, sorting puts the paths under ``a/`` right
-    after ``a``: comparing neighbours finds every clash in O(n log n) time and O(n) memory.
+    With ``/`` mapped to NUL, which no path holds, sorting puts a path's repeats and then the
+    paths under ``a/`` right after ``a``: one pass in sorted order finds every conflict in
+    O(n log n) time, holding only the sorted list. The sort is stable, so of two files on one
+    path the first given is the one the other repeats.
     """
-    keys = sorted(path.replace("/", "\0") for path in paths)
-    for key, after in itertools.pairwise(keys):
-        if after.startswith(key + "\0"):
-            file, inner = key.replace("\0", "/"), after.replace("\0", "/")
-            yield (
-                paths[inner],
-                f"{echo(inner)} needs {echo(file)} as a directory, but it is the file of {paths[file]}",
-            )
+    head: CartFile | None = None  # the file the following paths may repeat or go below
+    head_key = ""
+    for file in sorted(files, key=_tree_key):
+        key = _tree_key(file)
+        if head is not None and key == head_key:
+            yield file, f"{echo(file.path)} repeats the path of {named(head)}"
+        elif head is not None and key.startswith(head_key + "\0"):
+            needs = f"{echo(file.path)} needs {echo(head.path)} as a directory"
+            yield file, f"{needs}, but it is the file of {named(head)}"
+        else:
+            head, head_key = file, key
+
+
+def _tree_key(file: CartFile) -> str:
+    return file.path.replace("/", "\0")
 
 
 def _build(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
 
 from .cartfile import SUPPORTED_HASHTYPES, CartFile, YieldFiles, as_yield_files, collect_files
 from .errors import InvalidEventError, echo
+from .jsonstream import JsonWindow
 
 
 class CloudEvent:
@@ -31,7 +32,28 @@ class CloudEvent:
                 f"event {echo(event_id(cloudevent))}: data must be a list of metadata objects, got {got}",
                 field="data",
             )
-        return collect_files(_entries(data), InvalidEventError, f"event {echo(event_id(cloudevent))}")
+        what = f"event {echo(event_id(cloudevent))}"
+        return collect_files(_entries(data), InvalidEventError, what, _label)
+
+    @staticmethod
+    def read_files(source: IO[str] | IO[bytes]) -> list[CartFile]:
+        """Read an event's JSON from ``source`` and return its files, as :meth:`files` would.
+
+        The text is read a window at a time and each object of ``data`` is decoded, checked
+        and let go in turn: neither the text nor the event is ever held whole, only the files.
+        ``source`` is a text file, or a binary one holding UTF-8. Malformed JSON raises
+        ``ValueError`` (``UnicodeDecodeError`` for bytes that are not UTF-8), as ``json.load``
+        does; an event that is not valid raises :class:`InvalidEventError`. Keys other than
+        ``id``/``eventID`` and ``data`` are read and dropped; an event with two ``data`` keys
+        is refused.
+        """
+        header: dict[str, Any] = {}
+
+        def what() -> str:
+            return f"event {echo(event_id(header))}"
+
+        entries = _read_entries(JsonWindow(source.read), header, what)
+        return collect_files(entries, InvalidEventError, what, _label)
 
     @staticmethod
     def loads(text: str | bytes) -> Any:
@@ -59,12 +81,48 @@ def event_id(cloudevent: Mapping[str, Any]) -> str:
     return str(cloudevent.get("id", cloudevent.get("eventID", "<no id>")))
 
 
-def _entries(data: list[Any]) -> Iterator[tuple[str, Any, Any, Any, Mapping[str, Any]]]:
+def _entries(data: list[Any]) -> Iterator[tuple[int, Any, Any, Any, Mapping[str, Any]]]:
     for index, obj in enumerate(data):
-        if not isinstance(obj, Mapping) or obj.get("destinationTable") != "Files":
+        if isinstance(obj, Mapping) and obj.get("destinationTable") == "Files":
+            yield index, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj
+
+
+def _read_entries(
+    window: JsonWindow, header: dict[str, Any], what: Callable[[], str]
+) -> Iterator[tuple[int, Any, Any, Any, Mapping[str, Any]]]:
+    """:func:`_entries` of the event in ``window``, each ``data`` object decoded in its turn."""
+    if window.peek() != "{":
+        event = window.value()
+        window.end()
+        raise InvalidEventError(f"a CloudEvent is a JSON object, not {type(event).__name__}", field="event")
+    data = "missing"  # or what it was instead of a list
+    for key in window.members():
+        if key != "data":
+            value = window.value()
+            if key in ("id", "eventID"):
+                header[key] = value
             continue
-        label = f"data[{index}]" + (f" (_id {echo(obj['_id'])})" if "_id" in obj else "")
-        yield label, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj
+        if data != "missing":
+            raise InvalidEventError(f"{what()}: data is given twice", field="data")
+        if window.peek() != "[":
+            value = window.value()
+            data = "missing" if value is None else f"a {type(value).__name__}"
+            continue
+        data = "list"
+        for index in window.items():
+            obj = window.value()
+            if isinstance(obj, dict) and obj.get("destinationTable") == "Files":
+                yield index, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj
+    window.end()
+    if data != "list":
+        raise InvalidEventError(
+            f"{what()}: data must be a list of metadata objects, got {data}", field="data"
+        )
+
+
+def _label(index: int, file_id: str | None) -> str:
+    """How a message names the object at ``data[index]``, with its ``_id`` if it has one."""
+    return f"data[{index}]" + ("" if file_id is None else f" (_id {file_id})")
 
 
 # What a download reads of a Files object: the key, and the slot of FileObject holding it.

@@ -162,7 +162,7 @@ class Downloader:
         check_destination(target, filename, files)  # before the cart: Cartd's work would be lost
         started = self.clock()
         present = present_files(target / filename, files) if self.skip_present else {}
-        wanted = [file for file in files if file.path not in present]
+        wanted = [file for file in files if file.path not in present] if present else files
         if not wanted:
             LOGGER.info("every file is there already", extra={"files": len(files)})
             return DownloadResult(

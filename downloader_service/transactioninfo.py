@@ -23,7 +23,7 @@ class TransactionInfo:
                 "transaction info must be an object whose 'files' maps file ids to files",
                 field="files",
             )
-        return collect_files(_entries(files), InvalidTransactionInfoError, "transaction info")
+        return collect_files(_entries(files), InvalidTransactionInfoError, "transaction info", _label)
 
     @staticmethod
     def yield_files(transinfo: Mapping[str, Any]) -> YieldFiles:
@@ -33,10 +33,13 @@ class TransactionInfo:
 
 def _entries(files: Mapping[str, Any]) -> Iterator[tuple[str, Any, Any, Any, Mapping[str, Any]]]:
     for file_id, obj in files.items():
-        label = f"files[{echo(file_id)}]"
         if not isinstance(obj, Mapping):
             obj = {}
-        yield label, file_id, obj.get("name"), obj.get("subdir"), obj
+        yield file_id, file_id, obj.get("name"), obj.get("subdir"), obj
+
+
+def _label(file_id: str, _shown_id: str | None) -> str:
+    return f"files[{echo(file_id)}]"
 
 
 def fetch_transaction_info(

@@ -148,7 +148,11 @@ def test_requests_carry_upstream_auth_dict(fake_cartd: FakeCartd) -> None:
     assert all(r.headers["Authorization"].startswith("Basic ") for r in sent)
     assert all(r.headers["X-Test"] == "1" for r in sent)
     assert sent[0].headers["Content-Type"] == "application/json"
-    assert json.loads(sent[0].body or b"{}")["fileids"] == one_file()  # type: ignore[arg-type]
+    # The body is encoded as it is sent (never held whole), with its length announced.
+    body = b"".join(sent[0].body)  # type: ignore[arg-type]
+    assert sent[0].headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in sent[0].headers
+    assert json.loads(body)["fileids"] == one_file()
 
 
 def test_plain_auth_tuple_is_accepted(fake_cartd: FakeCartd) -> None:

@@ -160,3 +160,34 @@ def test_a_files_size_is_kept_when_sane_and_ignored_otherwise(size: object, kept
     obj = {"_id": 1, "name": "a.txt", "subdir": "", "hashtype": "sha1", "hashsum": "0" * 40, "size": size}
     [file] = CloudEvent.files({"id": "e", "data": [{"destinationTable": "Files", **obj}]})
     assert file.size == kept
+
+
+def test_collect_files_reports_every_file_below_another_file_and_every_repeat() -> None:
+    paths = ["a", "a/b", "a-b", "a/c", "a/d/e", "a", "z"]
+    entries = [entry(f"data[{i}]", path, file_id=i) for i, path in enumerate(paths)]
+    with pytest.raises(InvalidInputError) as info:
+        collect_files(entries, InvalidInputError, "event")
+    message = str(info.value)
+    assert info.value.problem_count == 4
+    for inner in ("a/b", "a/c", "a/d/e"):
+        assert f"{inner!r} needs 'a' as a directory, but it is the file of data[0]" in message
+    assert "data[5]: path 'a' repeats the path of data[0]" in message
+    assert "'a-b'" not in message and "'z'" not in message
+
+
+def test_collect_files_makes_labels_only_for_objects_with_a_problem() -> None:
+    described: list[tuple[Any, str | None]] = []
+
+    def describe(key: Any, file_id: str | None) -> str:
+        described.append((key, file_id))
+        return f"object {key}"
+
+    entries = [entry(i, f"f{i}", file_id=i) for i in range(10_000)]
+    entries[1234] = entry(1234, "bad\x00name", file_id=1234)
+    entries[5678] = entry(5678, "f0", file_id=5678)  # repeats the path of object 0
+    with pytest.raises(InvalidInputError) as info:
+        collect_files(entries, InvalidInputError, lambda: "event e", describe)
+    assert sorted(described) == [(0, "0"), (1234, "1234"), (5678, "5678")]
+    assert str(info.value).startswith("invalid event e: object 1234: path ")
+    assert "object 5678: path 'f0' repeats the path of object 0" in str(info.value)
+    assert info.value.object == "object 1234"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,101 @@ def test_loads_holds_far_less_memory_than_json_loads_for_many_files() -> None:
             tracemalloc.stop()
 
     assert held(CloudEvent.loads) < 0.6 * held(json.loads)  # 0.47 here: 330 bytes a file, not 690
+
+
+# -- CloudEvent.read_files: an event read a window at a time ---------------------------------
+
+
+def read_files(text: str, as_bytes: bool = True) -> list[CartFile]:
+    return CloudEvent.read_files(io.BytesIO(text.encode()) if as_bytes else io.StringIO(text))
+
+
+def refusal_of(call: Any) -> tuple[type, str, str | None, str | None]:
+    with pytest.raises(InvalidEventError) as info:
+        call()
+    return type(info.value), str(info.value), getattr(info.value, "object", None), info.value.field
+
+
+@pytest.mark.parametrize("as_bytes", [True, False], ids=["bytes", "text"])
+@pytest.mark.parametrize("version", ["0.1", "1.0"])
+def test_read_files_gives_what_files_gives_for_the_parsed_event(as_bytes: bool, version: str) -> None:
+    event = json.loads(FIXTURE.read_text(encoding="utf-8"))
+    for index, obj in enumerate(event["data"]):
+        if obj.get("destinationTable") == "Files":
+            obj.setdefault("_id", 1000 + index)
+    if version == "1.0":
+        event = make_event([obj for obj in event["data"] if obj.get("destinationTable") == "Files"], "1.0")
+    text = json.dumps(event, indent=2)
+    files = read_files(text, as_bytes)
+    assert files == CloudEvent.files(json.loads(text))
+    assert [file.size for file in files] == [file.size for file in CloudEvent.files(json.loads(text))]
+    assert len(files) >= 1
+
+
+BAD_EVENTS = {
+    "not-an-object": "[1, 2]",
+    "a-string": '"event"',
+    "no-data": '{"eventID": "e-9"}',
+    "null-data": '{"data": null, "id": "e-9"}',
+    "object-data": '{"id": "e-9", "data": {"a": 1}}',
+    "no-files": json.dumps(make_event([])),
+    "upstream-fixture": FIXTURE.read_text(encoding="utf-8"),  # a file lacks _id
+    "every-problem": json.dumps(
+        make_event(
+            [
+                file_obj(1, "ok.txt", "", b"1"),
+                file_obj(2, "a.txt", "../up", b"2"),
+                {**file_obj(3, "b.txt", "", b"3"), "hashtype": "crc32"},
+                {**file_obj(4, "c.txt", "", b"4"), "hashsum": "abc"},
+                file_obj(5, "", "", b"5"),
+                file_obj(6, "ok.txt", "", b"6"),
+                file_obj(7, "ok.txt/x", "", b"7"),
+            ]
+        )
+    ),
+    # the id after data, and in the 1.0 name: messages still name the event
+    "id-last": '{"data": [{"destinationTable": "Files", "_id": "x"}], "id": "late"}',
+}
+
+
+@pytest.mark.parametrize("text", BAD_EVENTS.values(), ids=BAD_EVENTS.keys())
+def test_read_files_refuses_what_files_refuses_with_the_same_error(text: str) -> None:
+    assert refusal_of(lambda: read_files(text)) == refusal_of(lambda: CloudEvent.files(json.loads(text)))
+
+
+def test_read_files_refuses_an_event_with_two_data_keys() -> None:
+    first = json.dumps([file_obj(1, "a", "", b"1")])
+    with pytest.raises(InvalidEventError, match="'e-2': data is given twice") as info:
+        read_files(f'{{"id": "e-2", "data": {first}, "data": []}}')
+    assert info.value.field == "data"
+
+
+@pytest.mark.parametrize("text", ['{"data": [', '{"data": []} []', ""])
+def test_read_files_of_malformed_json_is_a_value_error(text: str) -> None:
+    with pytest.raises(ValueError, match=r"line 1 \(char \d+\)") as info:
+        read_files(text)
+    assert not isinstance(info.value, InvalidEventError)
+
+
+def test_read_files_holds_the_files_only_not_the_text_or_the_event() -> None:
+    import tracemalloc
+
+    objs = [file_obj(i, f"file-{i}.dat", "run/1", str(i).encode()) for i in range(5000)]
+    text = json.dumps(make_event(objs)).encode()
+
+    def held(read: Any) -> tuple[int, int]:
+        """Bytes the files hold once read, and the most held while reading them."""
+        tracemalloc.start()
+        try:
+            files = read()
+            assert len(files) == 5000
+            return tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+    files, streamed = held(lambda: CloudEvent.read_files(io.BytesIO(text)))
+    _files, parsed = held(lambda: CloudEvent.files(CloudEvent.loads(text)))
+    # while reading, less than the text alone on top of the files (json.loads holds the text
+    # twice, as bytes and str, and then every object of the event)
+    assert streamed - files < len(text)
+    assert streamed < 0.75 * parsed

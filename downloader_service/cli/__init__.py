@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from .. import __version__
 from ..cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
@@ -182,13 +182,10 @@ def _add_download(commands: Any) -> None:
 
 def _download_event(args: argparse.Namespace) -> int:
     def files() -> tuple[Any, int | None]:
-        event = _read_json(args.event_file, "event", CloudEvent.loads)  # Files objects kept lean
-        data = event.get("data") if isinstance(event, dict) else None
-        listed = data if isinstance(data, list) else []
-        objects = [
-            obj for obj in listed if isinstance(obj, Mapping) and obj.get("destinationTable") == "Files"
-        ]
-        return CloudEvent.files(event), _total_size(objects)
+        # Read a window at a time, keeping only the files: never the text or the whole event.
+        cart_files = _read_json(args.event_file, "event", CloudEvent.read_files)
+        sizes = [file.size for file in cart_files]
+        return cart_files, None if None in sizes else sum(sizes)
 
     return _download(args, files)
 
@@ -227,19 +224,21 @@ def _total_size(objects: list[Any]) -> int | None:
     return sum(sizes)  # type: ignore[arg-type]
 
 
-def _read_json(source: str, what: str, loads: Callable[[str], Any] = json.loads) -> Any:
+def _read_json(source: str, what: str, read: Callable[[IO[bytes]], Any] = json.load) -> Any:
+    """``read`` the JSON document of a file, or of standard input for ``-``."""
+    name = "standard input" if source == "-" else source
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        if source == "-":
+            return read(sys.stdin.buffer)
+        with open(source, "rb") as handle:
+            return read(handle)
     except OSError as exc:
         raise InvalidInputError(
             f"cannot read the {what} file {source}: {exc.strerror}", field="file"
         ) from exc
     except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"the {what} file {source} is not UTF-8 text", field="file") from exc
-    try:
-        return loads(text)
+        raise InvalidInputError(f"the {what} file {name} is not UTF-8 text", field="file") from exc
     except ValueError as exc:
-        name = "standard input" if source == "-" else source
         raise InvalidInputError(f"the {what} in {name} is not valid JSON: {exc}", field="file") from exc
 
 
