@@ -81,6 +81,7 @@ TOOL_NAMES = {
     "bundle": "ours (bundle)",
     "upstream": "upstream 0.4.1",
     "limit": "curl \\| tar (limit)",
+    "ceiling": "curl > /dev/null (Cartd)",
 }
 
 # Targets (see README), each printed as met or missed with the measured ratio.
@@ -149,9 +150,12 @@ WORKLOADS = (
     Workload("100x1MB", (MB,) * 100, runs=3, quick_runs=2),
     # Cartd stages a cart of 2000 small files in 2-3 minutes here: two runs of each tool.
     Workload("2000x4KiB", (4 * KiB,) * 2000, runs=2),
-    Workload("10x100MiB", (100 * MB,) * 10, runs=3),
+    # With Cartd's own ceiling: how fast its GET streams to a client that does nothing.
+    Workload("10x100MiB", (100 * MB,) * 10, runs=3, tools=(*TOOLS, "ceiling")),
     # Also ours bundled, interleaved with the rest: bundled vs plain wall.
-    Workload("500MB", (500 * MB,), runs=5, quick_runs=1, tools=("ours", "bundle", "upstream", "limit")),
+    Workload(
+        "500MB", (500 * MB,), runs=5, quick_runs=1, tools=("ours", "bundle", "upstream", "limit", "ceiling")
+    ),
     Workload("2GB", (2048 * MB,), runs=1, single_run=True),
 )
 
@@ -295,7 +299,7 @@ _pid, status, usage = os.wait4(pid, 0)
 ended = time.monotonic()
 code = os.waitstatus_to_exitcode(status)
 with open(stats, "w") as out:
-    out.write(f"{code} {ended - began!r} {usage.ru_maxrss}")
+    out.write(f"{code} {ended - began!r} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime!r}")
 sys.exit(code if code >= 0 else 128 - code)
 """
 
@@ -305,6 +309,7 @@ class Measured:
     returncode: int
     wall: float  # spawn to reaped, seconds (timed by the launcher)
     maxrss_mb: float  # peak RSS of the process (and of its reaped children), MiB
+    cpu: float  # user + system CPU seconds of the process and its reaped children
 
 
 class Children:
@@ -332,12 +337,12 @@ class Children:
             self.stop(proc)
             raise BenchmarkError(f"{argv[0]} did not finish within {timeout:g} s") from None
         try:
-            code, wall, maxrss_kb = stats.read_text().split()
+            code, wall, maxrss_kb, cpu = stats.read_text().split()
         except (OSError, ValueError) as exc:
             raise BenchmarkError(f"the launcher of {argv[0]} failed (exit {proc.returncode})") from exc
         finally:
             stats.unlink(missing_ok=True)
-        return Measured(int(code), float(wall), int(maxrss_kb) / 1024)  # ru_maxrss is in KiB
+        return Measured(int(code), float(wall), int(maxrss_kb) / 1024, float(cpu))  # ru_maxrss: KiB
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 10) -> None:
         """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace`` seconds."""
@@ -399,6 +404,8 @@ class Run:
     ready_to_disk: float  # Cartd's ready to files on disk
     transfer: float  # the tool's own "ready" to files on disk (limit: curl | tar)
     rss_mb: float  # peak RSS from os.wait4
+    cpu: float = 0.0  # the client's user + system CPU seconds (ours: the whole child process)
+    load: float = 0.0  # the machine's 1-minute load average as the run began
     own_hwm_mb: float | None = None  # the child's own VmHWM, logged as a cross-check
     # Ours: its return to the end of its background delete (wait_for_deletes). Limit: the
     # harness's DELETE request. Upstream: None, it never deletes its carts.
@@ -610,11 +617,14 @@ class Bench:
         # after a big file was stored pays for that file's writeback (seconds for 2 GB).
         os.sync()
         try:
-            if tool == "limit":
-                run = self._run_limit(files, dest)
+            load = os.getloadavg()[0]
+            if tool in ("limit", "ceiling"):
+                run = self._run_limit(files, dest, sink=tool == "ceiling")
             else:
                 run = self._run_library(tool, event, dest, via, cartd)
-            verify(dest, files, f"{label}/{tool}")
+            if tool != "ceiling":
+                verify(dest, files, f"{label}/{tool}")
+            run.load = load
             return run
         finally:
             shutil.rmtree(dest, ignore_errors=True)
@@ -653,12 +663,14 @@ class Bench:
             ready_to_disk=marks["done"] - ready,
             transfer=marks["done"] - marks["ready_seen"],
             rss_mb=measured.maxrss_mb,
+            cpu=measured.cpu,
             own_hwm_mb=marks["vmhwm_kb"] / 1024,
             delete=None if deleted is None else deleted - marks["done"],
             delete_timed_out=deleted is not None and not marks["deletes_done"],
         )
 
-    def _run_limit(self, files: Sequence[StoredFile], dest: Path) -> Run:
+    def _run_limit(self, files: Sequence[StoredFile], dest: Path, sink: bool = False) -> Run:
+        """``curl | tar`` of a plain cart of ``files`` (``sink``: ``curl > /dev/null``, Cartd alone)."""
         cart_files = CloudEvent.files(make_event(files, "limit"))
         began = time.monotonic()
         cart_url = self.cart_api.setup_cart(as_yield_files(cart_files))
@@ -669,7 +681,7 @@ class Bench:
             script = (
                 "set -o pipefail; "
                 f"curl -sSf --max-time {int(CHILD_TIMEOUT)} {shlex.quote(cart_url + '?filename=data')}"
-                f" | tar -x -C {shlex.quote(str(dest))}"
+                + (" > /dev/null" if sink else f" | tar -x -C {shlex.quote(str(dest))}")
             )
             out, err = dest.with_suffix(".out"), dest.with_suffix(".err")
             measured = self.children.measure(["bash", "-c", script], out, err, CHILD_TIMEOUT)
@@ -689,6 +701,7 @@ class Bench:
             ready_to_disk=measured.wall,
             transfer=measured.wall,
             rss_mb=measured.maxrss_mb,
+            cpu=measured.cpu,
             delete=delete,
         )
 
@@ -706,7 +719,7 @@ class Bench:
                     log(
                         f"[{workload.name}] run {index + 1}/{runs} {tool:8s} wall {run.wall:7.3f} s"
                         f"  staging {run.staging:7.3f} s  ready->disk {run.ready_to_disk:7.3f} s"
-                        f"  rss {run.rss_mb:6.1f} MB"
+                        f"  rss {run.rss_mb:6.1f} MB  cpu {run.cpu:6.2f} s  load {run.load:4.2f}"
                         + (f" (VmHWM {run.own_hwm_mb:.1f})" if run.own_hwm_mb is not None else "")
                         + (f"  delete {run.delete:6.3f} s" if run.delete is not None else "")
                         + (" (timed out)" if run.delete_timed_out else "")
@@ -1031,8 +1044,8 @@ def delete_cell(tool: str, stats: ToolStats) -> str:
 def render(results: Results, quick: bool, elapsed: float) -> str:
     lines = [
         "| workload | tool | runs | wall (s) | start→ready (s) | ready→disk (s) | tool's transfer (s) "
-        "| transfer MB/s | cart delete, after return (s) | peak RSS (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| transfer MB/s | client CPU (s) | load | cart delete, after return (s) | peak RSS (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results.workloads:
         for tool, stats in result.stats.items():
@@ -1042,7 +1055,8 @@ def render(results: Results, quick: bool, elapsed: float) -> str:
                 f"| {result.workload.name} | {TOOL_NAMES[tool]} | {len(stats.runs)} "
                 f"| {fmt(stats.median('wall'))} | {fmt(stats.median('staging'))} "
                 f"| {fmt(stats.median('ready_to_disk'))} | {fmt(transfer)} "
-                f"| {fmt(rate, 0 if rate >= 10 else 2)} | {delete_cell(tool, stats)} "
+                f"| {fmt(rate, 0 if rate >= 10 else 2)} | {fmt(stats.median('cpu'), 2)} "
+                f"| {fmt(stats.median('load'), 2)} | {delete_cell(tool, stats)} "
                 f"| {fmt(stats.peak_rss(), 1)} |"
             )
     lines += [
@@ -1054,8 +1068,12 @@ def render(results: Results, quick: bool, elapsed: float) -> str:
         " ours returns first and deletes its cart in a background thread; the column is the time"
         " from its return until `Downloader.wait_for_deletes()` returns (not in wall). Upstream"
         " 0.4.1 never deletes its carts (the harness deletes them afterwards, untimed); for the"
-        " limit it is the harness's own `DELETE` (not in wall). All figures are medians except"
-        " peak RSS (the maximum).",
+        " limit it is the harness's own `DELETE` (not in wall). `curl > /dev/null` rows: Cartd's own"
+        " speed, to a client that writes nothing. Client CPU: user + system seconds of the"
+        " measured process and its children (ours: the whole Python process, start-up included;"
+        " ours hashes every byte, `curl | tar` does not), on the same 2 cores as Cartd's server,"
+        " which takes about one core while it streams. Load: the 1-minute load average as each"
+        " run began. All figures are medians except peak RSS (the maximum).",
     ]
     comparable = [r for r in results.workloads if all(tool in r.stats for tool in TOOLS)]
     if comparable:
