@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         stored = store_sample(stack)
         url = f"http://127.0.0.1:{args.port}"
         env = {
+            # The demo's Cartd is its own and idle, so a cart it has not staged in 20 s (plus
+            # the allowances per file and byte) is stuck: its SQLite now and then fails a
+            # staging task with "database is locked" and leaves the cart staging for ever.
+            # The service then retries on a fresh cart, after 20 s instead of 120.
+            "DOWNLOADER_CART_TIMEOUT": "20",
             **os.environ,
             "CARTD_URL": stack.cartd_url,
             "DOWNLOADER_PORT": str(args.port),
