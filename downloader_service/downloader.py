@@ -35,9 +35,10 @@ LOGGER = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_PER_FILE = 0.1
 DEFAULT_TIMEOUT_RATE = 50e6  # bytes a second
 # bundle="auto" asks Cartd for a bundled cart when the files' known sizes add up to this.
-# A bundle is served as a static file at ~4x the speed of the tar Cartd builds on the fly, and
-# only a bundle can resume a broken download, but writing it costs Cartd staging time
-# (benchmarks/bundle.py measures the trade).
+# A bundle is served as a static file, read 1.6-2.5x as fast as the tar Cartd builds on the
+# fly, and only a bundle can resume a broken download, but Cartd writes all of it before
+# `ready`: benchmarks/bundle.py measured bundles 14-15 % faster at 64-256 MiB and even from
+# about 500 MiB (benchmarks/README.md).
 DEFAULT_BUNDLE_THRESHOLD = 64 << 20
 
 
