@@ -69,3 +69,27 @@ def test_missing_transaction_fields_render_as_unknown() -> None:
 def test_check_layout_refuses_templates_that_could_escape_or_clash(template: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_layout(template)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_metadata_json_is_what_json_dump_writes_file_by_file(tmp_path: Path, count: int) -> None:
+    import dataclasses
+
+    from downloader_service.cartfile import CartFile
+    from downloader_service.service.layout import write_beside
+
+    event = json.loads(FIXTURE.read_text())
+    files = tuple(
+        CartFile(str(i), f'dïr/[{i}]/n"{i}".txt', "sha1", f"{i:040x}", size=i) for i in range(count)
+    )
+    write_beside(str(tmp_path), dataclasses.replace(job(event), files=files))
+    expected = {
+        **transaction_metadata(event),
+        "event_id": "C234-1234-1234",
+        "source": "/pacifica/metadata/ingest",
+        "type": "org.pacifica.metadata.ingest",
+        "files": [file.as_cartd() for file in files],
+    }
+    written = (tmp_path / "metadata.json").read_text(encoding="utf-8")
+    assert written == json.dumps(expected, ensure_ascii=False, indent=2) + "\n"
+    assert json.loads((tmp_path / "notification.json").read_text(encoding="utf-8")) == event

@@ -314,3 +314,58 @@ def test_a_jobs_end_and_its_completion_event_commit_together(store: JobStore, cl
     assert states == {first.id: ("failed", 400), second.id: ("sent", 202)}
     store.delete(a.id)
     assert [d.job_id for d in store.deliveries()] == [b.id]
+
+
+def test_state_reads_leave_the_event_and_files_out_but_count_the_files(store: JobStore) -> None:
+    many = NewJob(uuid.uuid4().hex, "/src", "big", "t", {"id": "big", "data": [1, 2]}, (FILE,) * 3)
+    [(added, created)] = store.add([many])
+    assert created
+    light = [
+        added,
+        store.get(added.id, contents=False),
+        *store.get_many([added.id]),
+        *store.list_jobs(),
+        store.retry(added.id),
+    ]
+    for job in light:
+        assert job is not None
+        assert job.files == () and job.event is None
+        assert job.file_count == 3
+        assert job.summary()["file_count"] == 3
+    full = store.get(added.id)
+    assert full is not None
+    assert full.files == (FILE,) * 3 and full.event == {"id": "big", "data": [1, 2]}
+    assert full.summary() == store.get(added.id, contents=False).summary()  # type: ignore[union-attr]
+    claimed = store.claim("w1", 60)
+    assert claimed is not None and claimed.files == (FILE,) * 3 and claimed.event is not None
+
+
+def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str, clock: Clock) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from downloader_service.service.store import _alembic_config
+
+    store = JobStore(store_url, clock=clock)  # an empty database, no schema yet
+    try:
+        config = _alembic_config()
+        with store._write() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0003")
+            file = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, source, event_id, type, state, attempts, run_at, retry_from,"
+                    " created_at, updated_at, event, files) VALUES ('j1', '/s', 'e', 't', 'done', 1,"
+                    " 0, 0, 0, 0, '{}', :files), ('j0', '/s', 'e0', 't', 'rejected', 0, 0, 0, 0, 0,"
+                    " '{}', '[]')"
+                ),
+                {"files": f"[{file},{file}]"},
+            )
+        store.upgrade()
+        old = store.get("j1", contents=False)
+        assert old is not None and old.file_count == 2 and old.summary()["file_count"] == 2
+        empty = store.get("j0", contents=False)
+        assert empty is not None and empty.file_count == 0 and "file_count" not in empty.summary()
+    finally:
+        store.close()

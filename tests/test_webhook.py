@@ -169,3 +169,19 @@ def test_parse_request_takes_nesting_up_to_the_limit() -> None:
 )
 def test_json_depth_skips_brackets_in_strings(body: bytes, depth: int) -> None:
     assert json_depth(body) == depth
+
+
+def test_json_depth_of_a_large_event_holds_about_its_size_not_fifteen_times_it() -> None:
+    import tracemalloc
+
+    body = json.dumps(make_event([file_obj(i, f"f{i}", "d", b"x") for i in range(20_000)])).encode()
+    tracemalloc.start()
+    try:
+        depth = json_depth(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert depth == 3
+    # removing each string on its own made a new object of every piece between two strings:
+    # ~15x the body at the peak (150 MB for the largest event the body limit admits)
+    assert peak < 2.5 * len(body)

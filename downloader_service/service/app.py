@@ -360,7 +360,7 @@ class Jobs:
         return {"deleted": job_id, "download_removed": removed}
 
     def _job(self, job_id: str) -> Job:
-        job = self.service.store.get(job_id) if job_id else None
+        job = self.service.store.get(job_id, contents=False) if job_id else None
         if job is None:
             raise HTTPError(404, "not_found", f"no job {job_id!r}")
         return job

@@ -120,6 +120,8 @@ class Job:
     run_at: float
     retry_from: float = 0.0
     files: tuple[CartFile, ...] = ()
+    # How many files: len(files), or what the store says when it read the job without them.
+    file_count: int | None = None
     event: Mapping[str, Any] | None = None
     lease_owner: str | None = None
     lease_expires: float | None = None
@@ -159,8 +161,9 @@ class Job:
             body["next_attempt"] = _iso(self.run_at)
         if self.finished_at is not None:
             body["finished"] = _iso(self.finished_at)
-        if self.files:
-            body["file_count"] = len(self.files)
+        count = len(self.files) if self.file_count is None else self.file_count
+        if count:
+            body["file_count"] = count
         if self.download_path is not None:
             body["download_path"] = self.download_path
             body["host"] = self.host

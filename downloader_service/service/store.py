@@ -86,6 +86,7 @@ jobs = Table(
     Column("finished_at", Float),
     Column("event", Text, nullable=False),
     Column("files", Text, nullable=False),
+    Column("file_count", Integer),  # len(files), read without parsing them (0004)
     Column("lease_owner", String(200)),
     Column("lease_expires", Float),
     Column("attempt_path", Text),
@@ -277,7 +278,8 @@ class JobStore:
 
         An event already known (same ``source`` and ``id``) gives the existing job and
         ``created=False`` -- except a ``failed`` job whose last error was retryable, which
-        is queued again: the sender's new delivery is taken as a request to retry.
+        is queued again: the sender's new delivery is taken as a request to retry. The jobs
+        come back without their event and files (:meth:`get` has them).
         """
         now = self.clock()
         answers = []
@@ -287,17 +289,16 @@ class JobStore:
                     self._insert(jobs)
                     .values(**_new_row(new, now))
                     .on_conflict_do_nothing(index_elements=["source", "event_id"])
-                    .returning(*jobs.c)
+                    .returning(*_STATE_COLUMNS)
                 ).first()
                 if inserted is not None:
                     answers.append((_job(inserted), True))
                     continue
-                existing = _job(
-                    _select_one(conn, and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id))
-                )
+                same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
+                existing = _job(_select_one(conn, same, contents=False))
                 if existing.state == FAILED and existing.error is not None and existing.error.retryable:
                     _requeue(conn, existing.id, now)
-                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id)), True))
+                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id, contents=False)), True))
                 else:
                     answers.append((existing, False))
         return answers
@@ -446,23 +447,22 @@ class JobStore:
         )
 
     # --------------------------------------------------------------- operators
-    def get(self, job_id: str) -> Job | None:
-        """The job with this id."""
+    def get(self, job_id: str, contents: bool = True) -> Job | None:
+        """The job with this id; with ``contents=False`` without its event and files."""
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(select(*_columns(contents)).where(jobs.c.id == job_id)).first()
         return None if row is None else _job(row)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job]:
-        """The jobs with these ids, in the order asked (unknown ids left out)."""
+        """The jobs with these ids, in the order asked (unknown ids left out), without contents."""
         with self._read() as conn:
-            rows = {
-                row.id: _job(row) for row in conn.execute(select(jobs).where(jobs.c.id.in_(list(job_ids))))
-            }
+            query = select(*_STATE_COLUMNS).where(jobs.c.id.in_(list(job_ids)))
+            rows = {row.id: _job(row) for row in conn.execute(query)}
         return [rows[job_id] for job_id in job_ids if job_id in rows]
 
     def list_jobs(self, state: str | None = None, limit: int = 50, before: str | None = None) -> list[Job]:
-        """Newest first; ``before`` (a job id) pages on past that job."""
-        query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        """Newest first, without their event and files; ``before`` (a job id) pages on past that job."""
+        query = select(*_STATE_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if state is not None:
             if state not in STATES:
                 raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
@@ -484,29 +484,29 @@ class JobStore:
         """Queue a ``failed`` (or ``queued``) job at once, with a fresh retry window.
 
         Returns the job as it now stands (unchanged if it was running, done or rejected),
-        ``None`` if there is no such job.
+        without its event and files; ``None`` if there is no such job.
         """
         now = self.clock()
         with self._write() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
             if row is None:
                 return None
             if row.state in (FAILED, QUEUED):
                 _requeue(conn, job_id, now)
-            return _job(_select_one(conn, jobs.c.id == job_id))
+            return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
 
     def delete(self, job_id: str) -> Job | None:
         """Remove the job's record and its completion events (the caller removes its files)."""
         with self._write() as conn:
             conn.execute(delete(outbox).where(outbox.c.job_id == job_id))
-            row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*jobs.c)).first()
+            row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
     def finished_before(self, when: float, limit: int = 100) -> list[Job]:
         """Done jobs finished before ``when`` whose download is still on disk (retention)."""
         with self._read() as conn:
             rows = conn.execute(
-                select(jobs)
+                select(*_STATE_COLUMNS)
                 .where(jobs.c.state == DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
                 .order_by(jobs.c.finished_at)
                 .limit(limit)
@@ -751,7 +751,8 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "event": dumps(dict(new.event)),
-        "files": dumps([{**file.as_cartd(), "size": file.size} for file in new.files]),
+        "files": _files_json(new.files),
+        "file_count": len(new.files),
     }
     if new.error is not None:
         row.update(_error_values(new.error), finished_at=now)
@@ -775,8 +776,29 @@ def _error_values(error: JobError) -> dict[str, Any]:
     }
 
 
-def _select_one(conn: Connection, where: Any) -> Any:
-    return conn.execute(select(jobs).where(where)).one()
+def _files_json(files: Sequence[CartFile]) -> str:
+    """The ``files`` column: a JSON array of each file's Cartd object and ``size``.
+
+    Encoded a batch at a time: a list of every file's dict would cost ~400 bytes a file more.
+    """
+    batches = (
+        dumps([{**file.as_cartd(), "size": file.size} for file in files[start : start + 1000]])[1:-1]
+        for start in range(0, len(files), 1000)
+    )
+    return "[" + ",".join(batches) + "]"
+
+
+def _select_one(conn: Connection, where: Any, contents: bool = True) -> Any:
+    return conn.execute(select(*_columns(contents)).where(where)).one()
+
+
+# Every column but the event and its files: what a job's state and summary need. A job of
+# 76,000 files holds 18 MB of text in those two, and parsing them takes a hundred MB more.
+_STATE_COLUMNS = tuple(column for column in jobs.c if column.name not in ("event", "files"))
+
+
+def _columns(contents: bool) -> tuple[Any, ...]:
+    return tuple(jobs.c) if contents else _STATE_COLUMNS
 
 
 def _job(row: Any) -> Job:
@@ -789,8 +811,13 @@ def _job(row: Any) -> Job:
             json.loads(row.error_context or "{}"),
         )
     # Each file's dict becomes its CartFile as it is parsed, so a job of many files never
-    # holds the list of dicts and the files at once.
-    files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
+    # holds the list of dicts and the files at once. A row read without its contents (the
+    # event and the files) has neither: only its state, and how many files it has.
+    files: tuple[CartFile, ...] = ()
+    event = None
+    if "files" in row._mapping:
+        files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
+        event = json.loads(row.event)
     return Job(
         id=row.id,
         source=row.source,
@@ -803,7 +830,8 @@ def _job(row: Any) -> Job:
         run_at=row.run_at,
         retry_from=row.retry_from,
         files=files,
-        event=json.loads(row.event),
+        file_count=len(files) if "files" in row._mapping else row.file_count,
+        event=event,
         lease_owner=row.lease_owner,
         lease_expires=row.lease_expires,
         attempt_path=row.attempt_path,

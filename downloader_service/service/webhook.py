@@ -44,12 +44,15 @@ _CORE_ATTRIBUTES: Final = frozenset(
     {"id", "source", "type", "specversion", "time", "datacontenttype", "dataschema", "subject", "data"}
 )
 _NOT_EXTENSION_CHARS = re.compile(r"[^a-z0-9]")
-# A JSON string (escapes included), or an unterminated one up to the end: brackets in it do
-# not nest. Matching the unterminated kind keeps the scan linear on hostile quoting.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
-# Opening brackets to +1 and closing ones to -1 (as signed bytes); every other byte is dropped.
+# Everything but the brackets that nest: runs of other bytes and JSON strings (escapes
+# included, or an unterminated one up to the end), whose brackets do not nest. Removing these
+# runs leaves the brackets alone, each piece a cached one-byte object: a 10 MiB event keeps
+# its memory (removing only the strings made a new object of every piece between two strings,
+# 150 MB at the peak). Possessive, and matching the unterminated kind, so the scan stays
+# linear on hostile quoting.
+_NOT_NESTING = re.compile(rb'(?:[^"\[\]{}]++|"(?:[^"\\]++|\\.)*+(?:"|\\?\Z))++', re.DOTALL)
+# Opening brackets to +1 and closing ones to -1 (as signed bytes).
 _BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
-_NOT_BRACKETS: Final = bytes(range(256)).translate(None, b"[]{}")
 # The SDK fills in a missing ``id`` (a fresh uuid) and ``specversion``: a sender that forgot
 # them must hear so, and duplicate detection needs the sender's own id.
 _REQUIRED: Final = ("id", "source", "type", "specversion")
@@ -113,7 +116,7 @@ def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent
 
 def json_depth(body: bytes) -> int:
     """How deep ``body``'s arrays and objects nest, found without parsing (no recursion)."""
-    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    steps = _NOT_NESTING.sub(b"", body).translate(_BRACKET_STEPS)
     return max(accumulate(array("b", steps)), default=0)
 
 

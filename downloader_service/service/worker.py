@@ -226,7 +226,7 @@ class Worker:
         finally:
             with self._lock:
                 del self._active[job.id]
-        return self.store.get(job.id)
+        return self.store.get(job.id, contents=False)
 
     def _run(self, active: _Active) -> None:
         job = active.job
