@@ -106,6 +106,21 @@ def test_bad_event_file_is_exit_3(tmp_path: Path, fake_cartd: FakeCartd, content
     assert fake_cartd.requests == []
 
 
+def test_event_file_that_is_not_utf8_is_exit_3_and_a_byte_order_mark_is_fine(
+    tmp_path: Path, fake_cartd: FakeCartd, event_file: Path
+) -> None:
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b'{"data": [{"destinationTable": "Files", "name": "caf\xe9"}]}')
+    result = run("download", "event", str(bad), str(tmp_path / "out"), "--cart-url", fake_cartd.url)
+    assert result.returncode == 3
+    assert f"the event file {bad} is not UTF-8 text" in result.stderr
+    assert fake_cartd.requests == []
+    marked = tmp_path / "bom.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + event_file.read_bytes())
+    result = run("download", "event", str(marked), str(tmp_path / "out"), "--cart-url", fake_cartd.url)
+    assert result.returncode == 0, result.stderr
+
+
 def test_missing_event_file_is_exit_3(tmp_path: Path) -> None:
     result = run("download", "event", str(tmp_path / "nope.json"), str(tmp_path / "out"))
     assert result.returncode == 3
