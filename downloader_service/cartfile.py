@@ -154,9 +154,10 @@ def collect_files(
 
         for file, why in _conflicts(files, named):
             problems.add(named(file), "path", why)
-    problems.raise_if_any(error, f"invalid {what if isinstance(what, str) else what()}")
+    document = what if isinstance(what, str) else what()
+    problems.raise_if_any(error, f"invalid {document}")
     if not files:
-        raise NoFilesError(f"the {what if isinstance(what, str) else what()} lists no files", field="files")
+        raise NoFilesError(f"the {document} lists no files", field="files")
     return files
 
 

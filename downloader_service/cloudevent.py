@@ -22,17 +22,11 @@ class CloudEvent:
         are files. Every problem is reported at once, each naming the object's index.
         """
         if not isinstance(cloudevent, Mapping):
-            raise InvalidEventError(
-                f"a CloudEvent is a JSON object, not {type(cloudevent).__name__}", field="event"
-            )
+            raise _not_an_object(cloudevent)
+        what = f"event {echo(event_id(cloudevent))}"
         data = cloudevent.get("data")
         if not isinstance(data, list):
-            got = "missing" if data is None else f"a {type(data).__name__}"
-            raise InvalidEventError(
-                f"event {echo(event_id(cloudevent))}: data must be a list of metadata objects, got {got}",
-                field="data",
-            )
-        what = f"event {echo(event_id(cloudevent))}"
+            raise _data_not_a_list(what, _kind(data))
         return collect_files(_entries(data), InvalidEventError, what, _label)
 
     @staticmethod
@@ -94,19 +88,18 @@ def _read_entries(
     if window.peek() != "{":
         event = window.value()
         window.end()
-        raise InvalidEventError(f"a CloudEvent is a JSON object, not {type(event).__name__}", field="event")
-    data = "missing"  # or what it was instead of a list
+        raise _not_an_object(event)
+    data = _kind(None)  # "list", or what it was instead of one
     for key in window.members():
         if key != "data":
             value = window.value()
             if key in ("id", "eventID"):
                 header[key] = value
             continue
-        if data != "missing":
+        if data != _kind(None):
             raise InvalidEventError(f"{what()}: data is given twice", field="data")
         if window.peek() != "[":
-            value = window.value()
-            data = "missing" if value is None else f"a {type(value).__name__}"
+            data = _kind(window.value())
             continue
         data = "list"
         for index in window.items():
@@ -115,9 +108,20 @@ def _read_entries(
                 yield index, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj
     window.end()
     if data != "list":
-        raise InvalidEventError(
-            f"{what()}: data must be a list of metadata objects, got {data}", field="data"
-        )
+        raise _data_not_a_list(what(), data)
+
+
+def _not_an_object(event: Any) -> InvalidEventError:
+    return InvalidEventError(f"a CloudEvent is a JSON object, not {type(event).__name__}", field="event")
+
+
+def _kind(data: Any) -> str:
+    """What ``data`` is, for a message: "missing" (absent or null), or "a <type>"."""
+    return "missing" if data is None else f"a {type(data).__name__}"
+
+
+def _data_not_a_list(what: str, got: str) -> InvalidEventError:
+    return InvalidEventError(f"{what}: data must be a list of metadata objects, got {got}", field="data")
 
 
 def _label(index: int, file_id: str | None) -> str:

@@ -813,9 +813,10 @@ def _job(row: Any) -> Job:
     # Each file's dict becomes its CartFile as it is parsed, so a job of many files never
     # holds the list of dicts and the files at once. A row read without its contents (the
     # event and the files) has neither: only its state, and how many files it has.
+    contents = "files" in row._mapping
     files: tuple[CartFile, ...] = ()
     event = None
-    if "files" in row._mapping:
+    if contents:
         files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
         event = json.loads(row.event)
     return Job(
@@ -830,7 +831,7 @@ def _job(row: Any) -> Job:
         run_at=row.run_at,
         retry_from=row.retry_from,
         files=files,
-        file_count=len(files) if "files" in row._mapping else row.file_count,
+        file_count=len(files) if contents else row.file_count,
         event=event,
         lease_owner=row.lease_owner,
         lease_expires=row.lease_expires,
