@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from downloader_service import TransactionInfo
 from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd, closed_port, sha1
 
@@ -423,3 +424,15 @@ def test_a_rerun_fetches_only_what_is_missing_or_changed(
     assert (summary["files"], summary["already_there"]) == (2, 1)
     assert [obj["path"] for obj in list(fake_cartd.carts.values())[-1].fileids] == ["bar.txt"]
     assert (tmp_path / "out/data/bar.txt").read_bytes() == BAR
+
+
+def test_the_progress_total_is_known_only_when_every_file_gives_a_size() -> None:
+    from downloader_service.cartfile import CartFile
+    from downloader_service.cli import _total_size
+
+    sized = [CartFile(str(i), f"f{i}", "sha1", sha1(b""), size=i * 10) for i in range(4)]
+    assert _total_size(sized) == 60
+    assert _total_size([*sized, CartFile("9", "g", "sha1", sha1(b""))]) is None
+    # the size a transaction document or an event gives, as CartFile keeps it
+    doc = {"files": {"5": {"name": "a", "hashtype": "sha1", "hashsum": sha1(b""), "size": True}}}
+    assert _total_size(TransactionInfo.files(doc)) is None

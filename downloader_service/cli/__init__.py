@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TextIO
 
 from .. import __version__
 from ..cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
+from ..cartfile import CartFile
 from ..cloudevent import CloudEvent
 from ..downloader import Downloader, DownloadResult
 from ..errors import (
@@ -184,8 +185,7 @@ def _download_event(args: argparse.Namespace) -> int:
     def files() -> tuple[Any, int | None]:
         # Read a window at a time, keeping only the files: never the text or the whole event.
         cart_files = _read_json(args.event_file, "event", CloudEvent.read_files)
-        sizes = [file.size for file in cart_files]
-        return cart_files, None if None in sizes else sum(sizes)
+        return cart_files, _total_size(cart_files)
 
     return _download(args, files)
 
@@ -197,9 +197,8 @@ def _download_transaction(args: argparse.Namespace) -> int:
             _check_transaction_id(doc, args.transaction_id, args.from_file)
         else:
             doc = fetch_transaction_info(args.policy_url, args.transaction_id)
-        listed = doc.get("files") if isinstance(doc, dict) else None
-        sizes = list(listed.values()) if isinstance(listed, dict) else []
-        return TransactionInfo.files(doc), _total_size(sizes)
+        cart_files = TransactionInfo.files(doc)
+        return cart_files, _total_size(cart_files)
 
     return _download(args, files)
 
@@ -216,12 +215,14 @@ def _check_transaction_id(doc: Any, wanted: str, path: Path) -> None:
             )
 
 
-def _total_size(objects: list[Any]) -> int | None:
-    """The bytes to expect, when every file says its ``size`` (else the bar shows no total)."""
-    sizes = [obj.get("size") if isinstance(obj, Mapping) else None for obj in objects]
-    if not sizes or not all(isinstance(size, int) and size >= 0 for size in sizes):
-        return None
-    return sum(sizes)  # type: ignore[arg-type]
+def _total_size(files: Sequence[CartFile]) -> int | None:
+    """The bytes to expect, when every file says a sane ``size`` (else the bar shows no total)."""
+    total = 0
+    for file in files:
+        if file.size is None:
+            return None
+        total += file.size
+    return total
 
 
 def _read_json(source: str, what: str, read: Callable[[IO[bytes]], Any] = json.load) -> Any:
