@@ -103,7 +103,8 @@ def test_sigterm_hands_a_running_job_back_and_the_worker_exits(tmp_path: Path, f
         job_id = answer.json()["job_id"]
         with worker_process(env, tmp_path / "worker.log") as worker:
             wait_until(lambda: job(url, job_id)["state"] == "running", 20)
-            assert list((tmp_path / "root").glob(".attempt-*"))
+            # "running" is recorded by the claim, just before the attempt's directory is made
+            wait_until(lambda: bool(list((tmp_path / "root").glob(".attempt-*"))), 10)
             started = time.monotonic()
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(15) == 0
