@@ -604,7 +604,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CherryPy: WSGI, dispatch, tools, response headers", ("CPWSGIApp.__call__ ",)),
     ("handler: body, status, JSON answer (app.py)", ("json_handler.<locals>.handler ",)),
     ("webhook: parse + validate the event (webhook.py)", ("service/webhook.py",)),
-    ("the job from the event: file list, ids (Service._new_job)", ("Service._new_job ",)),
+    ("the job from the event: file list, ids (Intake.new_job)", ("Intake.new_job ",)),
     ("store.add: build + run INSERT ... ON CONFLICT RETURNING, commit", ("JobStore.add ",)),
     (
         "store: pool checkout: pre-ping (a SELECT 1 round trip), or a new connection",

@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,24 +23,21 @@ import cherrypy
 import requests
 
 from .. import __version__
-from ..cloudevent import CloudEvent
 from ..downloader import Downloader
 from ..errors import (
     DownloaderError,
-    InvalidEventError,
-    InvalidInputError,
     PayloadTooLargeError,
-    ServiceBusyError,
 )
 from ..progress import DownloadProgress
 from . import page
 from .events import CART_DELETE
 from .health import readiness
-from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, Job, JobError, error_kind
+from .intake import Intake
+from .jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobError, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
 from .settings import Settings
-from .store import JobStore, NewJob, StoreError, open_store
+from .store import JobStore, StoreError, open_store
 from .webhook import ReceivedEvent, parse_request
 from .worker import Worker, remove_download
 
@@ -68,8 +64,6 @@ KIND_STATUS: dict[str, int] = {
     "internal_error": 500,
 }
 JSON_TYPE = "application/json"
-# Event ids and sources are keys of the store's unique index: bound them.
-MAX_KEY_LENGTH = 1024
 LIST_LIMIT_MAX = 500
 _SYNC_POLL = (0.02, 0.25)  # the first and the longest pause while a sync POST waits
 
@@ -112,6 +106,7 @@ class Service:
         self.make_downloader = make_downloader
         self.metrics = metrics
         self.worker = worker
+        self.intake = Intake(settings, store, metrics, worker.wake if worker is not None else lambda: None)
         self.stopping = threading.Event()
 
     def close(self, grace: float = 0.0) -> None:
@@ -184,57 +179,8 @@ class Service:
         return body
 
     def accept(self, events: Sequence[ReceivedEvent]) -> list[tuple[Job, bool]]:
-        """Make a job of every event and commit them all at once: ``(job, created)`` each.
-
-        An event that can never be downloaded becomes a ``rejected`` job, or, in strict
-        mode, refuses the whole request (nothing is stored).
-        """
-        new_jobs = [self._new_job(event, index, len(events) > 1) for index, event in enumerate(events)]
-        cap = self.settings.max_queued
-        if cap and self.store.queued() + sum(1 for job in new_jobs if job.error is None) > cap:
-            raise ServiceBusyError(
-                f"{cap} jobs are queued already (DOWNLOADER_MAX_QUEUED)",
-                retry_after=self.settings.retry_after,
-            )
-        accepted = self.store.add(new_jobs)
-        if self.worker is not None:
-            self.worker.wake()
-        for job, created in accepted:
-            outcome = "duplicate" if not created else ("rejected" if job.state == REJECTED else "accepted")
-            self.metrics.events.labels(outcome=outcome).inc()
-            extra = {"event_id": job.event_id, "job_id": job.id, "state": job.state, "duplicate": not created}
-            if created and job.state == REJECTED and job.error is not None:
-                self.metrics.errors.labels(kind=job.error.kind).inc()
-                LOGGER.warning(
-                    "event rejected", extra={**extra, "error": job.error.kind, "detail": job.error.detail}
-                )
-            else:
-                LOGGER.info("event accepted", extra=extra)
-        return accepted
-
-    def _new_job(self, event: ReceivedEvent, index: int, batch: bool) -> NewJob:
-        for name, value in (("id", event.id), ("source", event.source)):
-            if len(value) > MAX_KEY_LENGTH:
-                raise InvalidEventError(
-                    f"the event's {name} is longer than {MAX_KEY_LENGTH} characters", field=name
-                )
-        job_id = uuid.uuid4().hex
-        try:
-            if event.type not in self.settings.event_types:
-                raise InvalidEventError(
-                    f"event {event.id!r} has type {event.type!r}; this service takes "
-                    + ", ".join(self.settings.event_types),
-                    field="type",
-                )
-            files = CloudEvent.files(event.document())
-        except InvalidInputError as exc:
-            if self.settings.strict:
-                if batch:
-                    context: dict[str, Any] = dict(exc.context)
-                    raise type(exc)(f"batch[{index}]: {exc}", index=index, **context) from exc
-                raise
-            return NewJob(job_id, event.source, event.id, event.type, event.record(), (), JobError.of(exc))
-        return NewJob(job_id, event.source, event.id, event.type, event.record(), files)
+        """Store the events as jobs before any answer (see :meth:`.Intake.accept`)."""
+        return self.intake.accept(events)
 
     def wait(self, jobs: list[Job], timeout: float) -> list[Job]:
         """Wait until every job has finished, ``timeout`` passes or the service stops."""
