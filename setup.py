@@ -38,6 +38,9 @@ setup(
         "SQLAlchemy>=2.0.30,<2.2",
         "alembic>=1.13,<2",
         "psycopg[binary]>=3.2,<4",
+        # Replayed events are kept only if the subscription's JSONPath matches them exactly as
+        # Notifications matches (it uses jsonpath2 0.4.x): the same library, not a look-alike.
+        "jsonpath2>=0.4.5,<0.5",
     ],
     extras_require={
         "test": [

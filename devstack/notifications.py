@@ -404,6 +404,53 @@ class NotificationsStack(_ProcessStack):
             result.append((event_id, int(status) if status else None, str(subscription)))
         return result
 
+    def eventget(self, start: str, end: str, limit: int = 1_000_000) -> str:
+        """What ``pacifica-notifications-cmd eventget --start-date START --end-date END`` prints.
+
+        Times as ``Y-m-d H:M:S`` in Notifications' local clock (this machine's).
+        """
+        import subprocess
+
+        argv = [
+            str(self._bin("pacifica-notifications-cmd")),
+            "eventget",
+            "--start-date",
+            start,
+            "--end-date",
+            end,
+            "--limit",
+            str(limit),
+        ]
+        done = subprocess.run(argv, env=self._env(), capture_output=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise self._failure(f"eventget failed (exit {done.returncode}): {done.stderr[-2000:]!r}")
+        return done.stdout.decode("utf-8")
+
+    def logged_events(self, marker: str) -> int:
+        """How many events in Notifications' event log (``eventlog``) contain ``marker``."""
+        import psycopg
+
+        with psycopg.connect(self.postgres_url, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM eventlog WHERE jsondata LIKE %s", (f"%{marker}%",)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def subscriptions(self, user: str) -> list[dict[str, Any]]:
+        """The user's subscriptions that are not deleted (``GET /eventmatch``; none is a 403)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        try:
+            conn.request("GET", "/eventmatch", headers={"Http-Remote-User": user, "Connection": "close"})
+            resp = conn.getresponse()
+            text = resp.read()
+        finally:
+            conn.close()
+        if resp.status == 403:
+            return []
+        if resp.status != 200:
+            raise self._failure(f"Notifications GET /eventmatch answered {resp.status}: {text[:2000]!r}")
+        return list(json.loads(text))
+
     def wait_for(self, check: Callable[[], T], timeout: float = 20, interval: float = 0.05) -> T:
         """Poll ``check`` until it returns something truthy; RuntimeError (with logs) on timeout."""
         deadline = time.monotonic() + timeout

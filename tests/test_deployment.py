@@ -27,7 +27,7 @@ import yaml
 
 from devstack.notifications import INGEST_JSONPATH, NotificationsStack, ingest_jsonpath
 from downloader_service.service.settings import describe, settings_from_env
-from tests.conftest import free_port
+from tests.conftest import SCRIPT, free_port
 from tests.events import file_obj, make_event
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def test_compose_images_of_other_projects_are_pinned(model: dict[str, Any]) -> N
 
 def test_compose_downloader_services_set_only_settings_the_service_reads(model: dict[str, Any]) -> None:
     built = [name for name, service in model["services"].items() if "build" in service]
-    assert sorted(built) == ["downloader", "worker"]
+    assert sorted(built) == ["downloader", "subscribe", "worker"]
     for name in built:
         env = env_of(model, name)
         assert set(env) <= KNOWN, (name, set(env) - KNOWN)
@@ -245,20 +245,24 @@ def test_compose_downloader_services_set_only_settings_the_service_reads(model: 
         assert cartd.hostname == "cartd"
         assert cartd.port in published(model, "cartd")
         assert urlsplit(settings.database()).hostname == "downloaderdb"
-        assert model["services"][name]["depends_on"]["downloaderdb"]["condition"] == "service_healthy"
+        # The one-shot waits for the intake, which waits for the store.
+        first = "downloader" if name == "subscribe" else "downloaderdb"
+        assert model["services"][name]["depends_on"][first]["condition"] == "service_healthy"
 
 
 def test_compose_subscription_targets_the_downloader(model: dict[str, Any]) -> None:
     subscribe = model["services"]["subscribe"]
-    env = env_of(model, "subscribe")
     downloader = settings_from_env(env_of(model, "downloader"))
-    target = urlsplit(env["SUBSCRIPTION_TARGET_URL"])
+    # The one-shot and the intake's guard own the same subscription: the same settings.
+    assert env_of(model, "subscribe") == env_of(model, "downloader")
+    assert subscribe["command"][0] == "subscribe"
+    target = urlsplit(downloader.target_url())
     assert (target.scheme, target.hostname, target.port) == ("http", "downloader", downloader.port)
     assert downloader.host == "0.0.0.0"  # reachable from the Notifications workers' container
     # The rule routes the ingest events the downloader accepts (devstack/notifications.py).
-    assert env["SUBSCRIPTION_JSONPATH"] == INGEST_JSONPATH
+    assert downloader.subscription_jsonpath == INGEST_JSONPATH
     assert "org.pacifica.metadata.ingest" in downloader.event_types
-    notifications = urlsplit(env["NOTIFICATIONS_URL"])
+    notifications = urlsplit(downloader.notifications_url)
     assert notifications.hostname == "notifications"
     assert notifications.port in published(model, "notifications")
     assert subscribe["restart"] == "no"
@@ -356,7 +360,7 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.mark.integration
 def test_compose_subscribe_creates_then_reenables_one_subscription(
-    model: dict[str, Any], notifications_stack: NotificationsStack, receiver: Receiver
+    model: dict[str, Any], notifications_stack: NotificationsStack, receiver: Receiver, tmp_path: Path
 ) -> None:
     """The `subscribe` one-shot against the real Notifications 0.5.2, run twice."""
     stack, case = notifications_stack, uuid.uuid4().hex
@@ -364,18 +368,19 @@ def test_compose_subscribe_creates_then_reenables_one_subscription(
     env = {
         **os.environ,
         **env_of(model, "subscribe"),
-        "NOTIFICATIONS_URL": stack.url,
-        "SUBSCRIPTION_USER": user,
+        "DOWNLOADER_NOTIFICATIONS_URL": stack.url,
+        "DOWNLOADER_NOTIFICATIONS_USER": user,
         # A rule of its own: the session's stack serves other tests' subscriptions too.
-        "SUBSCRIPTION_JSONPATH": ingest_jsonpath(testCase=case),
-        "SUBSCRIPTION_TARGET_URL": receiver.url,
+        "DOWNLOADER_SUBSCRIPTION_JSONPATH": ingest_jsonpath(testCase=case),
+        "DOWNLOADER_PUBLIC_URL": receiver.url,
+        "DOWNLOADER_DATABASE_URL": "",
+        "DOWNLOADER_STATE_DIR": str(tmp_path),
         "NO_PROXY": "127.0.0.1",
     }
+    command = [str(SCRIPT), *model["services"]["subscribe"]["command"]]
 
     def subscribe() -> dict[str, Any]:
-        result = subprocess.run(
-            _script(model, "subscribe"), env=env, capture_output=True, text=True, timeout=60
-        )
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return dict(json.loads(result.stdout.splitlines()[-1]))
 

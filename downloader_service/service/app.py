@@ -29,7 +29,7 @@ from ..errors import (
     PayloadTooLargeError,
 )
 from ..progress import DownloadProgress
-from . import page
+from . import page, subscription
 from .events import CART_DELETE
 from .health import readiness
 from .intake import Intake
@@ -356,6 +356,12 @@ class Health:
             report["jobs"] = self.service.store.stats()["jobs"]
         worker = self.service.worker
         report["worker"] = None if worker is None else {"owner": worker.owner, "running": worker.busy()}
+        # Reported, never a reason for 503: an open gap is for an operator to replay, and taking
+        # the intake out of a load balancer would only make another one.
+        try:
+            report["subscription"] = subscription.report(self.service.settings, self.service.store)
+        except StoreError as exc:
+            report["subscription"] = {"state": subscription.UNKNOWN, "reason": str(exc)}
         if not ready:
             cherrypy.response.status = 503
             cherrypy.response.headers["Retry-After"] = str(self.service.settings.retry_after)
@@ -394,7 +400,7 @@ class Root:
             # A 401 with its challenge: the browser asks for basic auth credentials.
             cherrypy.response.headers["Content-Type"] = JSON_TYPE
             return json.dumps(refuse(self.service, exc)).encode()
-        return page.respond(self.service.store, params)
+        return page.respond(self.service.store, params, self.service.settings.notifications_url != "")
 
     @json_handler
     def _about(self) -> dict[str, Any]:
@@ -513,6 +519,8 @@ def create_app(
         worker.metrics = metrics
         metrics.in_flight.set_function(worker.busy)
     metrics.watch_store(store.stats)
+    if settings.notifications_url:
+        metrics.watch_subscription(lambda: subscription.report(settings, store))
     service = Service(settings, store, make_downloader, metrics, worker)
     config = {
         "/": {

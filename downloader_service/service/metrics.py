@@ -48,6 +48,30 @@ class _StoreCollector(Collector):
         )
 
 
+class _SubscriptionCollector(Collector):
+    """Whether the Notifications subscription is enabled, and its open gaps, at scrape time."""
+
+    def __init__(self, report: Callable[[], dict[str, Any]]) -> None:
+        self.report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            report = self.report()
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the database is away
+            LOGGER.warning("metrics could not read the subscription", extra={"detail": str(exc)})
+            return
+        yield GaugeMetricFamily(
+            "downloader_subscription_enabled",
+            "1 when the last check found the Notifications subscription enabled, else 0",
+            value=1 if report["state"] == "enabled" else 0,
+        )
+        yield GaugeMetricFamily(
+            "downloader_subscription_gaps",
+            "Windows in which Notifications routed nothing here, not yet replayed or dismissed",
+            value=len(report.get("gaps", ())),
+        )
+
+
 class ServiceMetrics:
     """Events by outcome, job results, errors by kind, bytes, files and durations."""
 
@@ -103,6 +127,10 @@ class ServiceMetrics:
     def watch_store(self, stats: Callable[[], dict[str, Any]]) -> None:
         """Report the store's job counts at every scrape."""
         self.registry.register(_StoreCollector(stats))
+
+    def watch_subscription(self, report: Callable[[], dict[str, Any]]) -> None:
+        """Report the subscription's state and open gaps at every scrape."""
+        self.registry.register(_SubscriptionCollector(report))
 
     def job_done(self, files: int, nbytes: int, seconds: float, since_accepted: float) -> None:
         """A job ended ``done``."""

@@ -26,7 +26,8 @@ import cherrypy
 
 from .. import __version__
 from .jobs import FAILED, QUEUED, RUNNING, STATES, Job
-from .store import JobStore, StoreError
+from .store import GAP_OPEN, Gap, JobStore, StoreError
+from .subscription import replay_command
 
 HTML_TYPE: Final = "text/html; charset=utf-8"
 PAGE_SIZE: Final = 50  # the newest jobs shown; /jobs pages on past them
@@ -45,8 +46,11 @@ def wants_html(accept: str) -> bool:
     return html_q > _quality(ranges, _JSON_TYPE)
 
 
-def respond(store: JobStore, params: dict[str, Any]) -> bytes:
-    """The page for ``GET /`` (the caller has checked auth), its status and headers set."""
+def respond(store: JobStore, params: dict[str, Any], guarded: bool = False) -> bytes:
+    """The page for ``GET /`` (the caller has checked auth), its status and headers set.
+
+    ``guarded``: the service guards a Notifications subscription, so its open gaps are shown.
+    """
     nonce = secrets.token_urlsafe(18)
     headers = cherrypy.response.headers
     headers["Content-Type"] = HTML_TYPE
@@ -55,7 +59,7 @@ def respond(store: JobStore, params: dict[str, Any]) -> bytes:
     headers["Referrer-Policy"] = "no-referrer"
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
-    status, page = render(store, params, nonce)
+    status, page = render(store, params, nonce, guarded)
     cherrypy.response.status = status
     return page.encode()
 
@@ -75,8 +79,8 @@ def content_security_policy(nonce: str) -> str:
     )
 
 
-def render(store: JobStore, params: dict[str, Any], nonce: str) -> tuple[int, str]:
-    """The status and HTML of the page: counts by state, then the newest jobs (of ``?state=``)."""
+def render(store: JobStore, params: dict[str, Any], nonce: str, guarded: bool = False) -> tuple[int, str]:
+    """The status and HTML of the page: gaps, counts by state, then the newest jobs (of ``?state=``)."""
     token = _param(params, "access_token")
     state = _param(params, "state")
     if state and state not in STATES:
@@ -85,10 +89,35 @@ def render(store: JobStore, params: dict[str, Any], nonce: str) -> tuple[int, st
     try:
         counts: dict[str, int] = store.stats()["jobs"]
         jobs = store.list_jobs(state or None, PAGE_SIZE)
+        gaps = store.gaps(GAP_OPEN) if guarded else []
     except StoreError as exc:
         message = f"the job store is unavailable: {exc}"
         return 503, _document(nonce, f'<p class="error">{_text(message)}</p>', "")
-    return 200, _document(nonce, _table(jobs, token, state), _nav(counts, state, token))
+    return 200, _document(nonce, _gaps(gaps) + _table(jobs, token, state), _nav(counts, state, token))
+
+
+def _gaps(gaps: list[Gap]) -> str:
+    """A banner per open gap: when Notifications routed nothing here, and the line that replays it."""
+    if not gaps:
+        return ""
+    items = []
+    for gap in gaps:
+        until = f"until {gap.enabled_at}" if gap.enabled_at else "and is still off"
+        command = replay_command(gap)
+        replay = (
+            f'<pre class="replay"><code>{_text(command)}</code></pre>'
+            if command
+            else "<p>It is not routing here yet: the replay command appears once it is enabled again.</p>"
+        )
+        error = f" Notifications' error: <q>{_text(_short(gap.error))}</q>." if gap.error else ""
+        items.append(
+            f'<li id="gap-{_text(gap.id)}"><p>The subscription was <b>{_text(gap.kind)}</b> from '
+            f"{_text(gap.disabled_at)} {_text(until)} (Notifications' clock).{error} Events routed in "
+            f"that window did not arrive; replay them (events already here are not downloaded again):</p>"
+            f"{replay}<p>Or, to forget it: <code>downloader-service subscription dismiss "
+            f"{_text(gap.id)}</code></p></li>"
+        )
+    return f'<section class="gaps" role="alert"><h2>Missed events</h2><ul>{"".join(items)}</ul></section>'
 
 
 def _document(nonce: str, main: str, nav: str) -> str:

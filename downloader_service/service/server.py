@@ -20,7 +20,8 @@ from .http import HEAD_LIMIT, HardenedServer
 from .logs import configure_json_logging
 from .metrics import ServiceMetrics
 from .settings import Settings
-from .store import open_store
+from .store import default_owner, open_store
+from .subscription import SubscriptionGuard
 from .worker import Worker
 
 LOGGER = logging.getLogger(__name__)
@@ -61,6 +62,12 @@ def serve(settings: Settings) -> None:
     cherrypy.engine.subscribe("stop", app.service.stopping.set, priority=10)
     # ... and downloads get their grace after the HTTP server has stopped taking requests.
     cherrypy.engine.subscribe("stop", lambda: app.service.close(settings.shutdown_grace), priority=90)
+    if settings.notifications_url:
+        worker = app.service.worker
+        guard = SubscriptionGuard(settings, app.service.store, worker.owner if worker else default_owner())
+        # Enabled again only once this process takes events: after the HTTP server listens (75).
+        cherrypy.engine.subscribe("start", guard.start, priority=80)
+        cherrypy.engine.subscribe("stop", guard.stop, priority=5)
     LOGGER.info(
         "serving",
         extra={

@@ -36,6 +36,11 @@ DEFAULT_MIN_FREE_BYTES: Final = 100 * 1024 * 1024
 DEFAULT_RETRY_BASE: Final = 5.0
 DEFAULT_RETRY_MAX_DELAY: Final = 900.0
 DEFAULT_RETRY_WINDOW: Final = 86400.0
+# The rule compose's subscription always used: every ingest event (Notifications' own example).
+DEFAULT_SUBSCRIPTION_JSONPATH: Final = '$[?(@["eventType"] = "org.pacifica.metadata.ingest")]'
+DEFAULT_SUBSCRIPTION_NAME: Final = "pacifica downloader"
+DEFAULT_SUBSCRIPTION_CHECK: Final = 30.0
+DEFAULT_USER_HEADER: Final = "Http-Remote-User"
 STATE_DIR_NAME: Final = "pacifica-downloader"
 DATABASE_FILE: Final = "jobs.sqlite3"
 
@@ -228,6 +233,47 @@ class Settings:
             "(empty: from the request, which a sender's Host header decides)",
         },
     )
+    notifications_url: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_NOTIFICATIONS_URL",
+            "help": "Pacifica Notifications' REST base (e.g. http://notifications:8070): `serve` then "
+            "owns its subscription, re-enables it and records gaps (empty: no subscription guard)",
+        },
+    )
+    notifications_user: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_NOTIFICATIONS_USER",
+            "help": "the Notifications user who owns the subscription (needed with "
+            "DOWNLOADER_NOTIFICATIONS_URL)",
+        },
+    )
+    notifications_user_header: str = field(
+        default=DEFAULT_USER_HEADER,
+        metadata={
+            "env": "DOWNLOADER_NOTIFICATIONS_USER_HEADER",
+            "help": "the header Notifications reads its user from (its user_header setting)",
+        },
+    )
+    subscription_jsonpath: str = field(
+        default=DEFAULT_SUBSCRIPTION_JSONPATH,
+        metadata={
+            "env": "DOWNLOADER_SUBSCRIPTION_JSONPATH",
+            "help": "the subscription's JSONPath rule: which events Notifications routes here",
+        },
+    )
+    subscription_name: str = field(
+        default=DEFAULT_SUBSCRIPTION_NAME,
+        metadata={"env": "DOWNLOADER_SUBSCRIPTION_NAME", "help": "the subscription's name"},
+    )
+    subscription_check: float = field(
+        default=DEFAULT_SUBSCRIPTION_CHECK,
+        metadata={
+            "env": "DOWNLOADER_SUBSCRIPTION_CHECK",
+            "help": "seconds between two checks of the subscription by `serve`",
+        },
+    )
     layout: str = field(
         default=DEFAULT_LAYOUT,
         metadata={
@@ -324,6 +370,10 @@ class Settings:
     def root(self) -> str:
         """The download root: ``DOWNLOADER_ROOT``, else ``downloads`` in the state directory."""
         return self.download_root or os.path.join(self.state(), "downloads")
+
+    def target_url(self) -> str:
+        """Where Notifications posts our events: ``DOWNLOADER_PUBLIC_URL`` with a trailing ``/``."""
+        return self.public_url.rstrip("/") + "/"
 
     def database(self) -> str:
         """The job store's URL: ``DOWNLOADER_DATABASE_URL``, else SQLite in the state directory."""
@@ -426,6 +476,33 @@ def _check(settings: Settings) -> None:
         raise ValueError("event_types must name at least one type")
     if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:
         raise ValueError(f"filename must be one directory name, not {settings.filename!r}")
+    _check_subscription(settings)
+
+
+def _check_subscription(settings: Settings) -> None:
+    """The subscription guard's settings hang together (only with a Notifications URL)."""
+    if not settings.notifications_url:
+        return
+    if not settings.notifications_url.startswith(("http://", "https://")):
+        raise ValueError(
+            f"DOWNLOADER_NOTIFICATIONS_URL must be an http(s) URL, not {settings.notifications_url!r}"
+        )
+    if not settings.notifications_user:
+        raise ValueError("DOWNLOADER_NOTIFICATIONS_USER must name the subscription's Notifications user")
+    if not settings.notifications_user_header:
+        raise ValueError("DOWNLOADER_NOTIFICATIONS_USER_HEADER must not be empty")
+    if not settings.public_url.startswith(("http://", "https://")):
+        raise ValueError(
+            "DOWNLOADER_PUBLIC_URL must be the URL Notifications posts to (the subscription's "
+            "target) when DOWNLOADER_NOTIFICATIONS_URL is set"
+        )
+    if not settings.subscription_name:
+        raise ValueError("DOWNLOADER_SUBSCRIPTION_NAME must not be empty")
+    if not settings.subscription_check > 0:
+        raise ValueError("DOWNLOADER_SUBSCRIPTION_CHECK must be above 0 seconds")
+    from .subscription import compile_jsonpath  # jsonpath2 is imported only where it is used
+
+    compile_jsonpath(settings.subscription_jsonpath)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -131,6 +131,61 @@ outbox = Table(
 )
 PENDING, SENT = "pending", "sent"
 
+# The subscription guard (service/subscription.py): one leased row per guarded subscription,
+# holding what its guard last saw, so every replica's /health and /metrics can report it.
+subscription_guard = Table(
+    "subscription_guard",
+    METADATA,
+    Column("name", String(200), primary_key=True),
+    Column("owner", String(200)),
+    Column("lease_expires", Float),
+    Column("state", Text, nullable=False),  # a JSON object
+    Column("updated_at", Float, nullable=False),
+)
+
+# A window in which Notifications routed us nothing (the subscription disabled or deleted),
+# kept until its events are replayed (``jobs import``) or an operator dismisses it. Times of
+# the window are Notifications' own local clock, as ``eventget --start-date`` takes them.
+subscription_gaps = Table(
+    "subscription_gaps",
+    METADATA,
+    Column("id", String(32), primary_key=True),
+    Column("subscription", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # "disabled" or "deleted"
+    Column("target_url", Text, nullable=False),
+    Column("disabled_at", String(40), nullable=False),
+    Column("enabled_at", String(40)),
+    Column("error", Text),
+    Column("window_start", String(40), nullable=False),
+    Column("window_end", String(40)),
+    Column("state", String(16), nullable=False),
+    Column("recorded_at", Float, nullable=False),
+    Column("closed_at", Float),
+    Column("note", Text),
+    UniqueConstraint("subscription", "disabled_at", name="uq_gaps_subscription_disabled_at"),
+    Index("ix_gaps_state", "state"),
+)
+GAP_OPEN, GAP_REPLAYED, GAP_DISMISSED = "open", "replayed", "dismissed"
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A window in which Notifications routed the service nothing, and what became of it."""
+
+    id: str
+    subscription: str
+    kind: str
+    target_url: str
+    disabled_at: str
+    window_start: str
+    enabled_at: str | None = None
+    window_end: str | None = None
+    error: str | None = None
+    state: str = GAP_OPEN
+    recorded_at: float = 0.0
+    closed_at: float | None = None
+    note: str | None = None
+
 
 @dataclass(frozen=True)
 class Notice:
@@ -664,6 +719,132 @@ class JobStore:
         with self._read() as conn:
             return [_delivery(row) for row in conn.execute(query)]
 
+    # ----------------------------------------------------- subscription guard
+    def take_guard(self, name: str, owner: str, lease: float, dead: str | None = None) -> bool:
+        """Take (or keep) the guard of ``name`` for ``lease`` seconds: True while ``owner`` holds it.
+
+        ``dead`` names a holder known to be dead (an earlier process of this container), whose
+        lease need not run out. One statement each way, so two replicas never both get it.
+        """
+        now = self.clock()
+        holders = [
+            subscription_guard.c.owner == owner,
+            subscription_guard.c.owner.is_(None),
+            subscription_guard.c.lease_expires < now,
+        ]
+        if dead is not None:
+            holders.append(subscription_guard.c.owner == dead)
+        with self._write() as conn:
+            taken = conn.execute(
+                update(subscription_guard)
+                .where(subscription_guard.c.name == name, or_(*holders))
+                .values(owner=owner, lease_expires=now + lease, updated_at=now)
+            ).rowcount
+            if not taken:
+                taken = conn.execute(
+                    self._insert(subscription_guard)
+                    .values(name=name, owner=owner, lease_expires=now + lease, state="{}", updated_at=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                ).rowcount
+        return bool(taken)
+
+    def guard_holder(self, name: str) -> tuple[str | None, float | None]:
+        """Who holds the guard of ``name`` and until when (``(None, None)`` if nobody)."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(subscription_guard.c.owner, subscription_guard.c.lease_expires).where(
+                    subscription_guard.c.name == name
+                )
+            ).first()
+        return (None, None) if row is None else (row.owner, row.lease_expires)
+
+    def release_guard(self, name: str, owner: str) -> None:
+        """Give the guard up (shutdown): another replica takes it at its next check."""
+        with self._write() as conn:
+            conn.execute(
+                update(subscription_guard)
+                .where(subscription_guard.c.name == name, subscription_guard.c.owner == owner)
+                .values(owner=None, lease_expires=None, updated_at=self.clock())
+            )
+
+    def guard_state(self, name: str) -> dict[str, Any]:
+        """What the guard of ``name`` last recorded (``{}`` before its first check)."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(subscription_guard.c.state).where(subscription_guard.c.name == name)
+            ).first()
+        return {} if row is None else dict(json.loads(row.state))
+
+    def save_guard_state(self, name: str, state: Mapping[str, Any]) -> None:
+        """Record what a check saw (the guard's lease, if any, is left as it is)."""
+        now = self.clock()
+        with self._write() as conn:
+            saved = conn.execute(
+                update(subscription_guard)
+                .where(subscription_guard.c.name == name)
+                .values(state=dumps(dict(state)), updated_at=now)
+            ).rowcount
+            if not saved:
+                conn.execute(
+                    self._insert(subscription_guard)
+                    .values(name=name, state=dumps(dict(state)), updated_at=now)
+                    .on_conflict_do_update(index_elements=["name"], set_={"state": dumps(dict(state))})
+                )
+
+    def open_gap(self, gap: Gap) -> tuple[Gap, bool]:
+        """Record ``gap`` unless the same one (subscription, ``disabled_at``) is: ``(gap, created)``."""
+        values = {
+            **{name: getattr(gap, name) for name in _GAP_FIELDS},
+            "state": GAP_OPEN,
+            "recorded_at": self.clock(),
+        }
+        with self._write() as conn:
+            row = conn.execute(
+                self._insert(subscription_gaps)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["subscription", "disabled_at"])
+                .returning(*subscription_gaps.c)
+            ).first()
+            if row is not None:
+                return _gap(row), True
+            row = conn.execute(
+                select(subscription_gaps).where(
+                    subscription_gaps.c.subscription == gap.subscription,
+                    subscription_gaps.c.disabled_at == gap.disabled_at,
+                )
+            ).one()
+        return _gap(row), False
+
+    def gap_closed_by_enable(self, gap_id: str, enabled_at: str, window_end: str) -> None:
+        """The subscription of an open gap routes again from ``enabled_at``: the window ends."""
+        with self._write() as conn:
+            conn.execute(
+                update(subscription_gaps)
+                .where(subscription_gaps.c.id == gap_id, subscription_gaps.c.enabled_at.is_(None))
+                .values(enabled_at=enabled_at, window_end=window_end)
+            )
+
+    def gaps(self, state: str | None = GAP_OPEN) -> list[Gap]:
+        """Gaps, oldest first; ``state=None`` for all of them."""
+        query = select(subscription_gaps).order_by(subscription_gaps.c.recorded_at, subscription_gaps.c.id)
+        if state is not None:
+            query = query.where(subscription_gaps.c.state == state)
+        with self._read() as conn:
+            return [_gap(row) for row in conn.execute(query)]
+
+    def close_gap(self, gap_id: str, state: str, note: str = "") -> Gap | None:
+        """Mark an open gap ``replayed`` or ``dismissed``; the gap as it stands, None if unknown."""
+        if state not in (GAP_REPLAYED, GAP_DISMISSED):
+            raise ValueError(f"a gap is closed as replayed or dismissed, not {state!r}")
+        with self._write() as conn:
+            conn.execute(
+                update(subscription_gaps)
+                .where(subscription_gaps.c.id == gap_id, subscription_gaps.c.state == GAP_OPEN)
+                .values(state=state, closed_at=self.clock(), note=note or None)
+            )
+            row = conn.execute(select(subscription_gaps).where(subscription_gaps.c.id == gap_id)).first()
+        return None if row is None else _gap(row)
+
     @contextmanager
     def _write(self) -> Iterator[Connection]:
         with self._translated(), self.engine.connect() as conn:
@@ -862,6 +1043,23 @@ def _delivery(row: Any) -> Delivery:
     )
 
 
+_GAP_FIELDS: Final = (
+    "id",
+    "subscription",
+    "kind",
+    "target_url",
+    "disabled_at",
+    "enabled_at",
+    "error",
+    "window_start",
+    "window_end",
+)
+
+
+def _gap(row: Any) -> Gap:
+    return Gap(**{column.name: getattr(row, column.name) for column in subscription_gaps.c})
+
+
 def _short(exc: BaseException) -> str:
     """A database error's first line (SQLAlchemy appends the statement and a help link)."""
     first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
@@ -874,3 +1072,26 @@ def default_owner() -> str:
     import uuid
 
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(holder: str, me: str) -> bool:
+    """Whether ``holder`` (a :func:`default_owner` name) is surely a process that ended.
+
+    Only a holder on this host can be known dead: our own pid with another random part is an
+    earlier life of this process (a container restarted: pid 1 again), and a pid that is gone
+    is gone. A holder on another host is alive until its lease runs out.
+    """
+    host, _, rest = holder.partition(":")
+    my_host, _, my_rest = me.partition(":")
+    pid_text, _, _random = rest.partition(":")
+    if host != my_host or not pid_text.isdigit() or holder == me:
+        return False
+    if pid_text == my_rest.partition(":")[0]:
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
