@@ -232,7 +232,8 @@ def _jobs(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_USAGE
     try:
-        store = open_store(settings.database(), upgrade=False)
+        # Only import writes jobs: it may make the store (before the service ever ran).
+        store = open_store(settings.database(), upgrade=args.action == "import" and settings.db_upgrade)
     except DownloaderError as exc:
         print(f"downloader-service: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -262,7 +263,9 @@ def _job_action(args: argparse.Namespace, settings: Settings, store: Any) -> int
         print(f"downloader-service: no job {args.job_id!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
     if args.action == "show":
-        print(json.dumps({**job.summary(), "event": job.event}, indent=2, ensure_ascii=False))
+        from ..service.jobs import dumps  # a lone surrogate in the event must not break stdout
+
+        print(dumps({**job.summary(), "event": job.event}, indent=2))
         return EXIT_OK
     if args.action == "retry":
         if job.state not in ("failed", "queued"):

@@ -186,9 +186,21 @@ class Job:
         return body
 
 
-def dumps(value: Any) -> str:
-    """JSON for a store column (compact, Unicode kept)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def dumps(value: Any, indent: int | None = None) -> str:
+    """JSON for a store column or a file we write (Unicode kept; compact unless ``indent``).
+
+    A lone surrogate (a JSON body may escape one) cannot be encoded as UTF-8: text
+    that holds one is written with every non-ASCII character escaped instead, which reads
+    back to the same value.
+    """
+    separators = (",", ":") if indent is None else (",", ": ")
+    text = json.dumps(value, ensure_ascii=False, separators=separators, indent=indent)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(value, separators=separators, indent=indent)
+    return text
 
 
 def _iso(seconds: float) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from .jobs import Job
+from .jobs import Job, dumps
 
 DEFAULT_LAYOUT: Final = "event-{event_id}-{job}"
 FIELDS: Final = ("event_id", "source", "job", "transaction", "proposal", "instrument", "submitter", "date")
@@ -96,12 +96,11 @@ def write_beside(directory: str, job: Job) -> None:
         "files": [],  # written one file at a time, below
     }
     with open(os.path.join(directory, NOTIFICATION_FILE), "w", encoding="utf-8") as handle:
-        json.dump(event, handle, ensure_ascii=False, indent=2)
-        handle.write("\n")
+        handle.write(dumps(event, indent=2) + "\n")
     with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as handle:
         # As json.dump(indent=2) would write it with every file's Cartd object in "files" (the
         # last key), but without a dict of each of them all at once: 30 MB for 76,000 files.
-        head, tail = json.dumps(metadata, ensure_ascii=False, indent=2).rsplit("[]", 1)
+        head, tail = dumps(metadata, indent=2).rsplit("[]", 1)
         handle.write(head + ("[" if job.files else "[]"))
         for index, file in enumerate(job.files):
             item = json.dumps(file.as_cartd(), ensure_ascii=False, indent=2).replace("\n", "\n    ")

@@ -235,10 +235,19 @@ def _sdk_event(parse: Any, mode: str) -> ReceivedEvent:
         for name, value in event.get_attributes().items()
         if name not in ("id", "source", "type", "specversion", "data")
     }
+    identity = {"id": str(event.get_id()), "source": str(event.get_source()), "type": str(event.get_type())}
+    for name, value in identity.items():
+        # "\udc80" is valid JSON but no text: it cannot be a key in the store, nor be logged.
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidEventError(
+                    f"the event's {name} is not valid Unicode ({exc.reason} at character {exc.start})",
+                    field=name,
+                ) from None
     return ReceivedEvent(
-        id=str(event.get_id()),
-        source=str(event.get_source()),
-        type=str(event.get_type()),
+        **identity,
         mode=mode,
         data=data,
         attributes={name: value for name, value in attributes.items() if _json_safe(value)},
