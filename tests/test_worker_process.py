@@ -14,6 +14,8 @@ from typing import Any
 
 import requests
 
+from downloader_service.service.events import CART_DELETE
+from downloader_service.service.store import JobStore
 from tests.conftest import free_port, served
 from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd
@@ -113,7 +115,13 @@ def test_sigterm_hands_a_running_job_back_and_the_worker_exits(tmp_path: Path, f
         assert back["state"] == "queued"
         assert back["attempts"] == 0  # handed back untried: the attempt does not count
         assert list((tmp_path / "root").iterdir()) == []
-        assert fake_cartd.deleted  # the abandoned cart was deleted on Cartd
+        # The abandoned cart is owed a deletion, durably (the outbox), not waited for.
+        store = JobStore(f"sqlite:///{tmp_path / 'state' / 'jobs.sqlite3'}")
+        try:
+            owed = [d for d in store.deliveries(back["job_id"]) if d.type == CART_DELETE]
+        finally:
+            store.close()
+        assert [d.state for d in owed] == ["pending"] and fake_cartd.deleted == []
 
 
 def test_serve_with_a_root_it_cannot_write_says_so_in_one_line_and_exits(tmp_path: Path) -> None:
@@ -151,3 +159,68 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
         result.stderr.strip()
         == f"downloader-service: cannot start: cannot listen on 127.0.0.1:{port}: in use"
     )
+
+
+def test_sigterm_while_only_staging_ends_at_once_with_the_default_grace(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    """Nothing is downloaded while Cartd stages: no reason to wait for the grace (6 s)."""
+    fake_cartd.add(23, DATA)
+    fake_cartd.head = lambda cart: (202, "staging", "")
+    env = shared_env(tmp_path, fake_cartd)
+    intake = {**env, "DOWNLOADER_WORKERS": "0", "DOWNLOADER_ASYNC": "true"}
+    with served(intake, tmp_path / "serve.log") as (url, _proc):
+        answer = requests.post(
+            url, json=make_event([file_obj(23, "c.txt", "", DATA)], event_id="w3"), timeout=10
+        )
+        job_id = answer.json()["job_id"]
+        with worker_process(env, tmp_path / "worker.log") as worker:
+            wait_until(lambda: any(cart.heads for cart in fake_cartd.carts.values()), 20)
+            started = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+            stopped_in = time.monotonic() - started
+        assert stopped_in < 2.0, f"took {stopped_in:.1f} s to stop while only staging"
+        back = job(url, job_id)
+        assert (back["state"], back["attempts"]) == ("queued", 0)
+        assert list((tmp_path / "root").iterdir()) == []
+        assert fake_cartd.deleted == []  # not waited for: its deletion is in the outbox ...
+        fake_cartd.head = lambda cart: (204, "ready", "")
+        with worker_process(env, tmp_path / "worker-2.log"):
+            wait_until(lambda: job(url, job_id)["state"] == "done", 20)
+            wait_until(lambda: len(fake_cartd.deleted) == 2, 20)  # ... which the next worker delivers
+        assert len(set(fake_cartd.deleted)) == 2
+
+
+def test_sigterm_gives_a_transfer_in_progress_its_grace_then_hands_it_back(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    big = os.urandom(1 << 20)
+    fake_cartd.add(24, big)
+
+    def trickle(cart: Any, filename: str) -> Iterator[bytes]:
+        from tests.fakecartd import cart_tar
+
+        data = cart_tar(cart.fileids, fake_cartd.contents, filename)
+        for start in range(0, len(data), 4096):
+            yield data[start : start + 4096]
+            time.sleep(0.05)  # about 80 KB/s: still arriving when the signal comes
+
+    fake_cartd.body = trickle
+    env = shared_env(tmp_path, fake_cartd, DOWNLOADER_SHUTDOWN_GRACE="2")
+    intake = {**env, "DOWNLOADER_WORKERS": "0", "DOWNLOADER_ASYNC": "true"}
+    with served(intake, tmp_path / "serve.log") as (url, _proc):
+        answer = requests.post(
+            url, json=make_event([file_obj(24, "d.bin", "", big)], event_id="w4"), timeout=10
+        )
+        job_id = answer.json()["job_id"]
+        with worker_process(env, tmp_path / "worker.log") as worker:
+            wait_until(lambda: fake_cartd.bytes_sent > 16384, 20)
+            started = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0
+            stopped_in = time.monotonic() - started
+        assert 1.8 <= stopped_in < 4.5, f"stopped in {stopped_in:.1f} s with a 2 s grace"
+        back = job(url, job_id)
+        assert (back["state"], back["attempts"]) == ("queued", 0)
+        assert list((tmp_path / "root").iterdir()) == []

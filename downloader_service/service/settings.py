@@ -30,7 +30,10 @@ DEFAULT_FILENAME: Final = "data"
 DEFAULT_SYNC_WAIT: Final = 30.0
 DEFAULT_LEASE_SECONDS: Final = 60.0
 DEFAULT_POLL_INTERVAL: Final = 0.5
-DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+# Docker's and Compose's default stop timeout is 10 s (Kubernetes' 30 s): the grace, the
+# 2 s a stuck read may take to notice, and the exit fit inside it. Raise it together with
+# the orchestrator's (stop_grace_period, terminationGracePeriodSeconds) for long transfers.
+DEFAULT_SHUTDOWN_GRACE: Final = 6.0
 DEFAULT_MIN_FREE_BYTES: Final = 100 * 1024 * 1024
 # Retries: 5 s, 10 s, 20 s, ... at most 15 min apart, for a day; then the job is a dead letter.
 DEFAULT_RETRY_BASE: Final = 5.0

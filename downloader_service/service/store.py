@@ -482,17 +482,18 @@ class JobStore:
             **_error_values(error),
         )
 
-    def release(self, job_id: str, owner: str, clean: bool = True) -> bool:
+    def release(self, job_id: str, owner: str, clean: bool = True, notices: Sequence[Notice] = ()) -> bool:
         """Give a job back (shutdown): queued at once, the attempt not counted.
 
         With ``clean=False`` the attempt's directory and cart stay recorded, for the next
-        claimer to remove (the releasing worker could not).
+        claimer to remove (the releasing worker could not). ``notices`` (deleting the
+        attempt's cart) go into the outbox with it.
         """
         leftovers = {"attempt_path": None, "cart_url": None} if clean else {}
         return self._update_held(
             job_id,
             owner,
-            (),
+            notices,
             state=QUEUED,
             run_at=self.clock(),
             attempts=jobs.c.attempts - 1,

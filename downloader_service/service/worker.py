@@ -45,6 +45,8 @@ ATTEMPT_PREFIX = ".attempt-"
 RETENTION_SWEEP_SECONDS = 60.0
 # A job whose attempts ended with their worker dead this often fails instead of killing more.
 MAX_WORKER_DEATHS = 5
+# After the grace, how long a download stuck in a read may take to notice it must stop.
+STUCK_WAIT = 2.0
 
 DownloaderFactory = Callable[[DownloadProgress], Downloader]
 
@@ -65,6 +67,8 @@ class _Active:
         self.cancelled: JobCancelled | None = None
         self.cart_url: str | None = None  # recorded before the POST ...
         self.cart_made = False  # ... and whether Cartd answered it
+        # Bytes are arriving: only then is there something a shutdown grace can save.
+        self.transferring = False
 
     @property
     def made_cart(self) -> str | None:
@@ -101,6 +105,7 @@ class _JobProgress(DownloadProgress):
         self.active.check()
 
     def file_started(self, path: str, size: int) -> None:
+        self.active.transferring = True
         self.active.check()
 
     def file_advanced(self, nbytes: int) -> None:
@@ -168,26 +173,35 @@ class Worker:
         """
         self._stopping.set()
         self._wakeup.set()
-        self.deliverer.stop()
         deadline = time.monotonic() + grace
+        # A job still waiting for Cartd has nothing to save: handed back at once (it notices
+        # at its next poll). Only transfers in progress get the grace.
+        self._cancel(lambda job: not job.transferring)
+        self.deliverer.stop()
         for thread in self._threads:
             if thread.name.startswith("download-"):
                 thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            active = list(self._active.values())
-        for job in active:
-            job.cancel("the worker is stopping", release=True)
+        self._cancel(lambda job: True)
         # A download stuck in a read notices only when the read returns: wait a little, then
         # release the lease ourselves; its leftovers are cleaned by the next claimer.
         for thread in self._threads:
-            thread.join(max(0.0, min(5.0, deadline + 5.0 - time.monotonic())))
+            thread.join(max(0.0, min(STUCK_WAIT, deadline + STUCK_WAIT - time.monotonic())))
         with self._lock:
             stuck = list(self._active.values())
         for job in stuck:
+            # Removed before the job is handed back: the next claimer's attempt has the same
+            # name. What the stuck thread may still write is recorded for that claimer to remove.
+            shutil.rmtree(self.attempt_path(job.job), ignore_errors=True)
             try:
                 self.store.release(job.job.id, self.owner, clean=False)
             except StoreError as exc:
                 LOGGER.warning("could not release a job", extra={"job_id": job.job.id, "detail": str(exc)})
+
+    def _cancel(self, which: Callable[[_Active], bool]) -> None:
+        with self._lock:
+            active = [job for job in self._active.values() if which(job)]
+        for job in active:
+            job.cancel("the worker is stopping", release=True)
 
     def busy(self) -> int:
         """How many downloads this process runs now."""
@@ -262,10 +276,15 @@ class Worker:
             final = self._publish(job, path)
         except JobCancelled as exc:
             shutil.rmtree(path, ignore_errors=True)
-            if active.made_cart is not None:  # stopping: delete it now, best effort
-                self.make_downloader(DownloadProgress()).cart_api.delete_cart(active.made_cart)
             if exc.release:
-                self.store.release(job.id, self.owner, clean=True)
+                # Stopping: no waiting on Cartd. A cart it made is deleted through the outbox;
+                # one whose POST had no answer yet stays recorded for the next claimer.
+                unanswered = active.cart_url is not None and active.made_cart is None
+                self.store.release(
+                    job.id, self.owner, clean=not unanswered, notices=cart_deletion(active.made_cart)
+                )
+            elif active.made_cart is not None:  # the lease was lost: delete it now, best effort
+                self.make_downloader(DownloadProgress()).cart_api.delete_cart(active.made_cart)
             LOGGER.warning("download stopped", extra={**log, "reason": str(exc)})
             return
         except Exception as exc:  # noqa: BLE001 - whatever broke, the job records it and retries
