@@ -10,7 +10,7 @@
 # cluster on port 5432; the tests neither use nor touch it.
 set -euo pipefail
 
-PG_USER="${DOWNLOADER_PG_USER:-downloader-pg}"
+PG_USER="${POSTGRES_TEST_USER:-downloader-pg}"
 
 have_initdb() {
     local f

@@ -333,3 +333,60 @@ def test_sigterm_answers_a_waiting_sync_post_202_and_exits(fake_cartd: FakeCartd
         store.close()
     assert job is not None
     assert job.state == "queued"  # handed back for the next start, not lost
+
+
+def _peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_an_unauthenticated_huge_body_is_refused_without_being_read(
+    server: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    """401 from the head; the 128 MiB body is neither read into memory nor waited for."""
+    url, proc, _log = server
+    declared = 128 * 1024 * 1024
+    before = _peak_rss_kb(proc.pid)
+    head = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % declared
+    )
+    with socket.create_connection(address(url), timeout=10) as sock:
+        sock.sendall(head)
+        reply = b""
+        sent = 0
+        chunk = b"0" * (1 << 20)
+        with contextlib.suppress(OSError):  # the server closes while we still send
+            while b"\r\n\r\n" not in reply and sent < declared:
+                sock.sendall(chunk)
+                sent += len(chunk)
+                ready, _, _ = select.select([sock], [], [], 0)
+                if ready:
+                    reply += sock.recv(65536)
+            while data := sock.recv(65536):
+                reply += data
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+    assert b"Connection: close" in reply.partition(b"\r\n\r\n")[0]
+    assert sent < declared / 4, f"sent {sent} bytes before the answer"
+    assert _peak_rss_kb(proc.pid) - before < 40_000  # kB; reading it whole cost 250 MB
+
+
+def test_an_unread_chunked_body_is_not_parsed_as_a_second_request(
+    server: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
+    """A retry (which reads no body) with a chunked body that holds a request: one answer."""
+    url, _proc, _log = server
+    smuggled = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = (
+        b"POST /jobs/nosuchjob/retry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret-token\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    )
+    with socket.create_connection(address(url), timeout=5) as sock:
+        sock.sendall(request)
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert reply.startswith(b"HTTP/1.1 404")

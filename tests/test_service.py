@@ -702,3 +702,30 @@ def test_a_slow_cart_delete_does_not_hold_the_answer_and_still_happens(
     assert "completion_events" not in body(
         client.get(body(resp)["status_url"].removeprefix("http://localhost"))
     )
+
+
+@pytest.mark.parametrize("query", ["limit=1&limit=2", "before=a&before=b", "state=done&state=failed"])
+def test_a_query_parameter_given_twice_is_a_400_naming_it(make_client: MakeClient, query: str) -> None:
+    client = make_client()
+    name = query.partition("=")[0]
+    resp = client.get(f"/jobs?{query}")
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert resp.get_json()["error"] == "bad_request" and repr(name) in resp.get_json()["detail"]
+    page = client.get(f"/?{query}", headers={"Accept": "text/html"})
+    assert page.status_code == 400 and repr(name) in page.get_json()["detail"]
+
+
+def test_retry_of_a_queued_job_runs_it_now_and_of_a_done_one_is_409(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    intake_only = make_client(workers=0)
+    queued = post(
+        intake_only, make_event(files, event_id="q-1"), {**JSON, "Prefer": "respond-async"}
+    ).get_json()
+    assert queued["state"] == "queued"
+    resp = intake_only.post(f"/jobs/{queued['job_id']}/retry")
+    assert resp.status_code == 202 and resp.get_json()["state"] == "queued"
+    done = make_client()
+    answer = post(done, make_event(files, event_id="d-1")).get_json()
+    assert answer["state"] == "done"
+    assert done.post(f"/jobs/{answer['job_id']}/retry").status_code == 409

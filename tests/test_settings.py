@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,18 +58,64 @@ def test_overrides_win_over_environment_and_none_is_ignored() -> None:
     ("env", "message"),
     [
         ({"DOWNLOADER_PORT": "eighty"}, "DOWNLOADER_PORT='eighty'"),
+        ({"DOWNLOADER_PORT": "99999"}, "DOWNLOADER_PORT must be from 1 to 65535, not 99999"),
+        ({"DOWNLOADER_PORT": "0"}, "DOWNLOADER_PORT must be from 1 to 65535"),
+        ({"DOWNLOADER_HEALTH_PORT": "70000"}, "DOWNLOADER_HEALTH_PORT must be from 0 to 65535"),
         ({"DOWNLOADER_ASYNC": "maybe"}, "not a boolean"),
-        ({"DOWNLOADER_HTTP_THREADS": "0"}, "http_threads must be at least 1"),
-        ({"DOWNLOADER_WORKERS": "-1"}, "workers must not be negative"),
+        ({"DOWNLOADER_HTTP_THREADS": "0"}, "DOWNLOADER_HTTP_THREADS must be from 1 to 1024, not 0"),
+        ({"DOWNLOADER_WORKERS": "-1"}, "DOWNLOADER_WORKERS must be from 0 to 1024, not -1"),
         ({"DOWNLOADER_BASIC_AUTH": "nocolon"}, "user:password"),
-        ({"DOWNLOADER_REQUEST_TIMEOUT": "0"}, "request_timeout and idle_timeout must be above 0"),
+        ({"DOWNLOADER_REQUEST_TIMEOUT": "0"}, "DOWNLOADER_REQUEST_TIMEOUT must be at least 0.001"),
         ({"DOWNLOADER_EVENT_TYPES": " , "}, "at least one type"),
-        ({"DOWNLOADER_FILENAME": "../up"}, "one directory name"),
+        ({"DOWNLOADER_FILENAME": "../up"}, "DOWNLOADER_FILENAME must be one directory name"),
+        ({"DOWNLOADER_SYNC_WAIT": "nan"}, "DOWNLOADER_SYNC_WAIT='nan': not a finite number"),
+        ({"DOWNLOADER_LEASE_SECONDS": "inf"}, "DOWNLOADER_LEASE_SECONDS='inf': not a finite number"),
+        ({"DOWNLOADER_RETRY_WINDOW": "-5"}, "DOWNLOADER_RETRY_WINDOW must be at least 0, not -5.0"),
+        ({"DOWNLOADER_DATABASE_URL": "mysql://u:p@db/x"}, "sqlite:///PATH or postgresql://.*not a mysql URL"),
+        ({"DOWNLOADER_LOG_LEVEL": "LOUD"}, "DOWNLOADER_LOG_LEVEL must be DEBUG or INFO or WARNING or ERROR"),
+        ({"CARTD_URL": "cartd:8081"}, "CARTD_URL must be an http:// or https:// URL"),
+        ({"DOWNLOADER_TOKN": "s3cret"}, "DOWNLOADER_TOKN is not a setting of this service"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         settings_from_env(env)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"port": 99999}, "DOWNLOADER_PORT must be from 1 to 65535"),
+        ({"sync_wait": float("nan")}, "DOWNLOADER_SYNC_WAIT must be a finite number"),
+        ({"lease_seconds": float("inf")}, "DOWNLOADER_LEASE_SECONDS must be a finite number"),
+        ({"retry_window": -5.0}, "DOWNLOADER_RETRY_WINDOW must be at least 0"),
+        ({"workers": "4"}, "DOWNLOADER_WORKERS must be a whole number"),
+        ({"database_url": "mysql://x"}, "not a mysql URL"),
+    ],
+)
+def test_settings_built_in_code_are_checked_too(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(**values)
+
+
+def test_secrets_come_from_files(tmp_path: Path) -> None:
+    token, database = tmp_path / "token", tmp_path / "database"
+    token.write_text("s3cret\n", encoding="utf-8")
+    database.write_text("postgresql://u:pw@db/x", encoding="utf-8")
+    settings = settings_from_env(
+        {"DOWNLOADER_TOKEN_FILE": str(token), "DOWNLOADER_DATABASE_URL_FILE": str(database)}
+    )
+    assert (settings.token, settings.database_url) == ("s3cret", "postgresql://u:pw@db/x")
+    with pytest.raises(ValueError, match="DOWNLOADER_BASIC_AUTH_FILE='/nowhere' cannot be read"):
+        settings_from_env({"DOWNLOADER_BASIC_AUTH_FILE": "/nowhere"})
+    with pytest.raises(ValueError, match="set DOWNLOADER_TOKEN or DOWNLOADER_TOKEN_FILE, not both"):
+        settings_from_env({"DOWNLOADER_TOKEN_FILE": str(token), "DOWNLOADER_TOKEN": "x"})
+    bad = tmp_path / "basic"
+    bad.write_text("no-colon", encoding="utf-8")
+    with pytest.raises(ValueError, match="user:password") as caught:
+        settings_from_env({"DOWNLOADER_BASIC_AUTH_FILE": str(bad)})
+    assert "no-colon" not in str(caught.value)  # a secret is never echoed
 
 
 def test_settings_are_frozen() -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from downloader_service.service.events import CART_DELETE
@@ -136,11 +137,39 @@ def test_serve_with_a_root_it_cannot_write_says_so_in_one_line_and_exits(tmp_pat
         [str(SCRIPT), "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("downloader-service:")]
-    assert lines == [
+    # That one line and nothing else: the store is not made (nor migrated, nor logged) first.
+    assert result.stderr.splitlines() == [
         f"downloader-service: cannot start: the download root {tmp_path}/a-file/root cannot be written: "
         "Not a directory"
     ], result.stderr
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        ("DOWNLOADER_PORT", "99999", "DOWNLOADER_PORT must be from 1 to 65535, not 99999"),
+        ("DOWNLOADER_DATABASE_URL", "mysql://u:p@db/x", "not a mysql URL"),
+        ("DOWNLOADER_SYNC_WAIT", "nan", "DOWNLOADER_SYNC_WAIT='nan': not a finite number"),
+        (
+            "DOWNLOADER_TOKEN_FILE",
+            "/no/such/secret",
+            "DOWNLOADER_TOKEN_FILE='/no/such/secret' cannot be read",
+        ),
+        ("DOWNLOADER_TOKN", "s3cret", "DOWNLOADER_TOKN is not a setting of this service"),
+    ],
+)
+def test_serve_refuses_a_bad_setting_in_one_line_before_anything_starts(
+    tmp_path: Path, variable: str, value: str, line: str
+) -> None:
+    env = {**os.environ, "DOWNLOADER_STATE_DIR": str(tmp_path / "state"), variable: value}
+    result = subprocess.run(
+        [str(SCRIPT), "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    [only] = result.stderr.splitlines()
+    assert only.startswith("downloader-service: bad setting: ") and line in only, result.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:

@@ -84,7 +84,7 @@ def add_operator_commands(commands: Any) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     for name, text in (
         ("show", "one job as JSON: state, attempts, last error, download path"),
-        ("retry", "queue a failed job again, with a fresh retry window"),
+        ("retry", "queue a failed job again with a fresh retry window, or run a queued one now"),
         ("delete", "remove a job's download and its record"),
     ):
         action = actions.add_parser(name, help=text)
@@ -270,7 +270,7 @@ def _job_action(args: argparse.Namespace, settings: Settings, store: Any) -> int
     if args.action == "retry":
         if job.state not in ("failed", "queued"):
             print(
-                f"downloader-service: job {job.id} is {job.state}; only failed jobs are retried",
+                f"downloader-service: job {job.id} is {job.state}; only failed or queued jobs are retried",
                 file=sys.stderr,
             )
             return EXIT_CONFLICT

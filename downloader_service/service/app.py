@@ -38,8 +38,8 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import JobStore, StoreError, open_store
-from .webhook import ReceivedEvent, parse_request
-from .worker import Worker, remove_download
+from .webhook import ReceivedEvent, check_media_type, parse_request
+from .worker import Worker, prepare_root, remove_download
 
 LOGGER = logging.getLogger(__name__)
 
@@ -221,6 +221,13 @@ def refuse(service: Service, exc: HTTPError) -> dict[str, Any]:
     return {"error": exc.kind, "detail": exc.detail}
 
 
+def single_values(params: dict[str, Any]) -> None:
+    """Refuse a query parameter given more than once (CherryPy makes a list of it): 400."""
+    for name, value in params.items():
+        if isinstance(value, list):
+            raise HTTPError(400, "bad_request", f"the query parameter {name!r} is given {len(value)} times")
+
+
 def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
     """Serve a handler's dict as JSON and turn every exception into a JSON error.
 
@@ -235,6 +242,7 @@ def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
         try:
             if len(args) > path_args:
                 raise HTTPError(404, "not_found", f"no resource at {cherrypy.request.path_info!r}")
+            single_values(kwargs)
             body = method(self, *args, **kwargs)
         except HTTPError as exc:
             body = refuse(service, exc)
@@ -395,6 +403,7 @@ class Root:
         if args or not page.wants_html(cherrypy.request.headers.get("Accept", "")):
             return self._about(*args)
         try:
+            single_values(params)
             self.service.check_auth(params)
         except HTTPError as exc:
             # A 401 with its challenge: the browser asks for basic auth credentials.
@@ -415,7 +424,9 @@ class Root:
     def POST(self, **params: Any) -> dict[str, Any]:
         service = self.service
         service.check_auth(params)
-        events = parse_request(dict(cherrypy.request.headers), service.read_body())
+        headers = dict(cherrypy.request.headers)
+        check_media_type(headers)  # credentials and media type from the head, then the body
+        events = parse_request(headers, service.read_body())
         prefer = cherrypy.request.headers.get("Prefer", "").lower()
         respond_async = service.settings.respond_async or "respond-async" in prefer
         accepted = service.accept(events)
@@ -502,6 +513,8 @@ def create_app(
     ``DOWNLOADER_DB_UPGRADE`` is off). With ``settings.workers`` above 0 and
     ``start_worker``, this process downloads too.
     """
+    if settings.workers > 0 and start_worker:
+        prepare_root(settings.root())  # before the store: a refused start touches nothing
     store = store or open_store(
         settings.database(),
         upgrade=settings.db_upgrade,

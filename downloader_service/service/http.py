@@ -37,6 +37,11 @@ HEAD_LIMIT: Final = 64 * 1024
 # Pacifica Notifications fits; a larger body's rest is read by the thread, by the deadline.
 BODY_PREBUFFER: Final = 64 * 1024
 _RECV_SIZE: Final = 64 * 1024
+# Unread body bytes cheroot may read and drop to keep a connection open; above, it is closed.
+DRAIN_LIMIT: Final = 64 * 1024
+# How long, and how much, a connection closed on an unread body still reads (and drops).
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 16 * 1024 * 1024
 _END_OF_HEAD: Final = b"\r\n\r\n"
 _HEADER_LINE = re.compile(rb"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*)")
 # Headers a request may carry once: two that differ leave the length (or host) ambiguous.
@@ -190,6 +195,19 @@ class _Request(HTTPRequest):
         # left unread, a broken chunked stream): the next "request" would be the rest of it.
         if any(key.lower() == b"connection" and value.lower() == b"close" for key, value in self.outheaders):
             self.close_connection = True
+        # A body the application did not read (a 401, 404 or 415 decided from the head alone):
+        # cheroot would read all of it into memory to keep the connection (128 MiB: +250 MB
+        # RSS), and a chunked one it leaves on the wire, to be parsed as the next request.
+        # Close instead; a small rest that is here already is cheaper to drop.
+        if self.chunked_read:
+            unread = not getattr(self.rfile, "closed", True)
+        else:
+            unread = getattr(self.rfile, "remaining", 0) > DRAIN_LIMIT
+        if unread:
+            self.close_connection = True
+            self.conn.lingering = True
+            self.outheaders = [(k, v) for k, v in self.outheaders if k.lower() != b"connection"]
+            self.outheaders.append((b"Connection", b"close"))
         super().send_headers()
 
     def simple_response(self, status: Any, msg: Any = "") -> None:
@@ -217,8 +235,38 @@ class _Connection(HTTPConnection):
         self.inbox: _Inbox | None = None
         self.started: float | None = None  # when the current request's first byte came
         self.continued = False  # the gate answered "Expect: 100-continue"
+        self.lingering = False  # an answer went out before the body was read: close gently
         # Only a plain socket gets an inbox: a TLS connection keeps cheroot's files (and no gate).
         super().__init__(server, sock, self._files if makefile is MakeFile else makefile)
+
+    def close(self) -> None:
+        if self.lingering:
+            self._lingering_close()
+        super().close()
+
+    def _lingering_close(self) -> None:
+        """Close after a body left unread so that the client still reads our answer.
+
+        Closing with unread bytes in the socket makes the kernel send a reset, which can reach
+        the client before our answer does. So: end our side (FIN after the answer), then read
+        and drop what still comes, into one small buffer, for at most
+        :data:`LINGER_SECONDS` and :data:`LINGER_BYTES` (Apache's lingering close).
+        """
+        self.lingering = False
+        sock = self.socket
+        buffer = bytearray(_RECV_SIZE)
+        deadline = time.monotonic() + LINGER_SECONDS
+        dropped = 0
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while dropped < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                received = sock.recv_into(buffer)
+                if not received:
+                    break
+                dropped += received
+        except OSError:
+            pass  # the client went (or the socket never was a plain one): nothing to wait for
 
     def _files(self, sock: socket.socket, mode: str, bufsize: int) -> Any:
         if "r" not in mode:

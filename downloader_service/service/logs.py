@@ -72,3 +72,6 @@ def configure_json_logging(level: str = "INFO", stream: TextIO | None = None) ->
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic says "setup plugin ..." and "will assume transactional DDL" at every start: its
+    # chatter belongs to DEBUG, our own INFO lines say what was done.
+    logging.getLogger("alembic").setLevel("DEBUG" if level.upper() == "DEBUG" else "WARNING")

@@ -22,7 +22,7 @@ from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import default_owner, open_store
 from .subscription import SubscriptionGuard
-from .worker import Worker
+from .worker import Worker, prepare_root
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def check_listen(host: str, port: int) -> None:
 def run_worker(settings: Settings) -> None:
     """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
     configure_json_logging(settings.log_level)
+    prepare_root(settings.root())  # before the store: a refused start touches nothing
     store = open_store(
         settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4
     )

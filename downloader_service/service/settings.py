@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, get_type_hints
 
 from ..cartapi import (
     DEFAULT_CART_API_URL,
@@ -358,6 +359,10 @@ class Settings:
         default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
     )
 
+    def __post_init__(self) -> None:
+        # Checked here, so a Settings built in code is held to the same ranges as the environment.
+        _check(self)
+
     def bundle_choice(self) -> bool | str:
         """``bundle`` as the library takes it: ``"auto"``, ``True`` or ``False``."""
         return "auto" if self.bundle == "auto" else self.bundle == "true"
@@ -405,80 +410,165 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    "int": int,
-    "float": float,
-    "bool": _bool,
-    "str": str,
-    "tuple[str, ...]": _names,
+# Parsers by the field's type (the type itself, not the text of its annotation).
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: int,
+    float: _float,
+    bool: _bool,
+    str: str,
+    tuple[str, ...]: _names,
 }
+# Settings whose value is a secret: each may come from a file instead, ``<VARIABLE>_FILE``
+# (the container convention: Docker and Kubernetes secrets are files).
+SECRETS: Final = ("token", "basic_auth", "database_url")
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win.
 
-    A malformed value raises ``ValueError`` naming the variable.
+    A malformed or out-of-range value raises ``ValueError`` naming the variable, and so does a
+    ``DOWNLOADER_*`` variable that is no setting (a typo must not leave, say, auth off).
     """
     environ = os.environ if environ is None else environ
+    specs = fields(Settings)
+    types = get_type_hints(Settings)
+    known = {spec.metadata["env"] for spec in specs} | {_env_name(name) + "_FILE" for name in SECRETS}
+    unknown = sorted(name for name in environ if name.startswith("DOWNLOADER_") and name not in known)
+    if unknown:
+        raise ValueError(f"{unknown[0]} is not a setting of this service (a typo?); --help lists them")
     values: dict[str, Any] = {}
-    for spec in fields(Settings):
+    for spec in specs:
         name = spec.metadata["env"]
-        if name in environ:
+        text = _secret_file(environ, name) if spec.name in SECRETS else None
+        if text is None and name in environ:
+            text = environ[name]
+        if text is not None:
             try:
-                values[spec.name] = _PARSERS[str(spec.type)](environ[name])
+                values[spec.name] = _PARSERS[types[spec.name]](text)
             except ValueError as exc:
-                raise ValueError(f"{name}={environ[name]!r}: {exc}") from exc
+                shown = "[REDACTED]" if spec.name in SECRETS else repr(text)
+                raise ValueError(f"{name}={shown}: {exc}") from None
     if "event_sink" not in values and environ.get("K_SINK"):
         values["event_sink"] = environ["K_SINK"]  # Knative's SinkBinding sets K_SINK
     values.update({key: value for key, value in overrides.items() if value is not None})
-    settings = Settings(**values)
-    _check(settings)
-    return settings
+    return Settings(**values)
+
+
+def _secret_file(environ: Mapping[str, str], name: str) -> str | None:
+    """The content of ``<name>_FILE`` (one trailing newline dropped), or None when it is unset."""
+    path = environ.get(name + "_FILE")
+    if path is None:
+        return None
+    if name in environ:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ValueError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}_FILE={path!r} is not UTF-8 text") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _env_name(field_name: str) -> str:
+    return str(Settings.__dataclass_fields__[field_name].metadata["env"])
+
+
+def _refuse(field_name: str, accepts: str, value: Any) -> ValueError:
+    shown = "[REDACTED]" if field_name in SECRETS else repr(value)
+    return ValueError(f"{_env_name(field_name)} must be {accepts}, not {shown}")
+
+
+# Numbers: (lowest, highest or None); every float must also be finite.
+_RANGES: Final[dict[str, tuple[float, float | None]]] = {
+    "port": (1, 65535),
+    "health_port": (0, 65535),
+    "max_body_bytes": (1, None),
+    "http_threads": (1, 1024),
+    "workers": (0, 1024),
+    "max_queued": (0, None),
+    "retry_after": (0, 86400),
+    "min_free_bytes": (0, None),
+    "bundle_threshold": (0, None),
+    "sync_wait": (0, 3600),
+    "retention": (0, None),
+    "retry_base": (0, None),
+    "retry_window": (0, None),
+    "shutdown_grace": (0, 3600),
+    "cart_timeout": (0.001, None),
+    "cart_timeout_per_file": (0, None),
+    "cart_timeout_rate": (0, None),
+    "connect_timeout": (0.001, None),
+    "read_timeout": (0.001, None),
+    "request_timeout": (0.001, None),
+    "idle_timeout": (0.001, None),
+    "lease_seconds": (1, None),
+    "poll_interval": (0.001, None),
+    "subscription_check": (0.001, None),
+}
+_DATABASE_SCHEMES: Final = ("sqlite", "postgres", "postgresql", "postgresql+psycopg")
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _check(settings: Settings) -> None:
-    for name in ("max_body_bytes", "http_threads"):
-        if getattr(settings, name) < 1:
-            raise ValueError(f"{name} must be at least 1")
-    for name in (
-        "workers",
-        "max_queued",
-        "retry_after",
-        "sync_wait",
-        "retention",
-        "retry_base",
-        "shutdown_grace",
-        "health_port",
-        "min_free_bytes",
-        "cart_timeout_per_file",
-        "cart_timeout_rate",
-    ):
-        if getattr(settings, name) < 0:
-            raise ValueError(f"{name} must not be negative")
-    if settings.request_timeout <= 0 or settings.idle_timeout <= 0:
-        raise ValueError("request_timeout and idle_timeout must be above 0")
-    if settings.lease_seconds < 1 or settings.poll_interval <= 0:
-        raise ValueError("lease_seconds must be at least 1 and poll_interval above 0")
+    """Refuse a value out of its range, in one line naming its variable and what it takes."""
+    for name, kind in get_type_hints(Settings).items():
+        value = getattr(settings, name)
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise _refuse(name, "a number", value)
+        if kind is float and not math.isfinite(value):
+            raise _refuse(name, "a finite number", value)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _refuse(name, "a whole number", value)
+    for name, (low, high) in _RANGES.items():
+        value = getattr(settings, name)
+        if value < low or (high is not None and value > high):
+            accepts = f"from {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            raise _refuse(name, accepts, value)
     if settings.retry_max_delay < settings.retry_base:
-        raise ValueError("retry_max_delay must not be below retry_base")
-    check_layout(settings.layout)
+        raise _refuse("retry_max_delay", "at least DOWNLOADER_RETRY_BASE", settings.retry_max_delay)
+    for name in ("cartd_url", "event_sink", "public_url"):
+        value = getattr(settings, name)
+        if value and not value.startswith(("http://", "https://")):
+            raise _refuse(name, "an http:// or https:// URL", value)
+    if settings.database_url:
+        scheme = settings.database_url.partition("://")[0]
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                "DOWNLOADER_DATABASE_URL must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB, "
+                f"not a {scheme or 'scheme-less'} URL"
+            )
+    if settings.log_level.upper() not in _LOG_LEVELS:
+        raise _refuse("log_level", " or ".join(_LOG_LEVELS), settings.log_level)
+    try:
+        check_layout(settings.layout)
+    except ValueError as exc:
+        raise ValueError(f"DOWNLOADER_LAYOUT: {exc}") from None
     if settings.bundle not in ("auto", "true", "false"):
-        raise ValueError(f"bundle must be auto, true or false, not {settings.bundle!r}")
+        raise _refuse("bundle", "auto, true or false", settings.bundle)
     try:
         if not 0 <= settings.umask_bits() <= 0o777:
             raise ValueError
     except ValueError:
-        raise ValueError(f"umask must be an octal number from 000 to 777, not {settings.umask!r}") from None
+        raise _refuse("umask", "an octal number from 000 to 777", settings.umask) from None
     if settings.basic_auth and ":" not in settings.basic_auth:
-        raise ValueError("basic_auth must be user:password")
+        raise ValueError("DOWNLOADER_BASIC_AUTH must be user:password")
     if not settings.event_types:
-        raise ValueError("event_types must name at least one type")
+        raise ValueError("DOWNLOADER_EVENT_TYPES must name at least one type")
     if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:
-        raise ValueError(f"filename must be one directory name, not {settings.filename!r}")
+        raise _refuse("filename", "one directory name", settings.filename)
     _check_subscription(settings)
 
 

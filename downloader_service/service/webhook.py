@@ -89,6 +89,20 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+def check_media_type(headers: Mapping[str, str]) -> None:
+    """Refuse, from the head alone, a request no CloudEvents mode reads (before its body is read)."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    if any(key.startswith("ce-") for key in lowered):
+        return
+    media = media_type(lowered.get("content-type", ""))
+    if media not in (STRUCTURED, BATCH, *PLAIN_JSON):
+        raise UnsupportedMediaTypeError(
+            f"media type {media or '(none)'!r} is not a CloudEvents HTTP mode; send one of "
+            + ", ".join(MEDIA_TYPES),
+            field="content-type",
+        )
+
+
 def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent]:
     """Read one HTTP request into its events (several only in batch mode).
 
