@@ -160,6 +160,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--tail", type=int, default=2000, help="events at the end that must not grow anything"
     )
+    parser.add_argument("--clients", type=int, default=32, help="requests at once (the default HTTP threads)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "soak-results.md"))
     args = parser.parse_args(argv)
 
@@ -206,13 +207,13 @@ def main(argv: list[str]) -> int:
                 raise RuntimeError(f"{kind}: {resp.status_code} {resp.text[:300]}")
             outcomes[kind] += 1
 
-        sessions = [requests.Session() for _ in range(8)]
+        sessions = [requests.Session() for _ in range(args.clients)]
         rounds = args.events // args.every
         for round_number in range(rounds):
             idle = idle_connections(port, IDLE_CONNECTIONS) if round_number in (1, rounds // 2) else []
             numbers = [next(counter) for _ in range(args.every)]
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda n: post(n, sessions[n % 8]), numbers))
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(lambda n: post(n, sessions[n % args.clients]), numbers))
             for sock in idle:
                 sock.close()
             jobs = drained(url)
@@ -247,7 +248,8 @@ def main(argv: list[str]) -> int:
         "",
         f"{datetime.date.today()}, commit {commit.stdout.strip()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; `{' '.join(['.venv/bin/python', 'benchmarks/soak.py', *argv])}`.",
-        f"Requests by kind: {dict(sorted(outcomes.items()))}; {IDLE_CONNECTIONS} idle keep-alive "
+        f"{args.clients} clients at once. Requests by kind: {dict(sorted(outcomes.items()))}; "
+        f"{IDLE_CONNECTIONS} idle keep-alive "
         f"connections opened in rounds 2 and {rounds // 2 + 1}.",
         "",
         "| events | open fds | RSS (MiB) | seconds |",

@@ -51,6 +51,16 @@ REPO = Path(__file__).resolve().parent.parent
 MakeClient = Callable[..., Client]
 
 
+class LocalClient(Client):
+    """The WSGI test client as a client on this host (``REMOTE_ADDR`` 127.0.0.1, as a real
+    server sets it); a request may say otherwise with ``environ_base={"REMOTE_ADDR": ...}``."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        base = dict(kwargs.pop("environ_base", None) or {})
+        base.setdefault("REMOTE_ADDR", "127.0.0.1")
+        return super().open(*args, environ_base=base, **kwargs)
+
+
 @pytest.fixture
 def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
     """``make(**settings)``: the WSGI app over a fresh store in ``tmp_path``, closed after."""
@@ -63,7 +73,7 @@ def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
         (tmp_path / "root").mkdir(exist_ok=True)
         app = create_app(settings_from_env({}, **overrides))
         apps.append(app)
-        return Client(app)
+        return LocalClient(app)
 
     yield make
     for app in apps:

@@ -20,7 +20,7 @@ from werkzeug.test import Client
 
 from downloader_service.service.app import create_app
 from downloader_service.service.settings import settings_from_env
-from tests.conftest import free_port
+from tests.conftest import LocalClient, free_port
 from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd
 
@@ -82,7 +82,7 @@ def client_for(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[Callable[[str]
         )
         app = create_app(settings)
         apps.append(app)
-        return Client(app)
+        return LocalClient(app)
 
     yield make
     for app in apps:

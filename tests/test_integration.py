@@ -22,6 +22,7 @@ from devstack.pacifica import PacificaStack
 from downloader_service import CartAPI, CartFailedError, Downloader, InvalidEventError
 from downloader_service.service.app import create_app
 from downloader_service.service.settings import settings_from_env
+from tests.conftest import LocalClient
 from tests.events import file_obj, make_event
 
 pytestmark = pytest.mark.integration
@@ -134,7 +135,7 @@ def service(pacifica_stack: PacificaStack, tmp_path: Path) -> Iterator[Client]:
         state_dir=str(tmp_path / ".state"),
     )
     app = create_app(settings)
-    yield Client(app)
+    yield LocalClient(app)
     app.service.close()
 
 

@@ -187,31 +187,49 @@ def test_page_has_a_strict_content_security_policy(make_client: MakeClient) -> N
     assert first.headers["Cache-Control"] == "no-store"
 
 
-def test_page_needs_the_token_when_one_is_configured(
+def test_page_needs_the_operators_token_when_one_is_configured(
     make_client: MakeClient, good_and_bad: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
-    client = make_client(token="s3cret")
+    client = make_client(token="s3cret", admin_token="ops-token")
     failed = post(client, good_and_bad[1], {"Authorization": "Bearer s3cret"})
     refused = client.get("/", headers=HTML)
     assert refused.status_code == 401
     assert "Bearer" in refused.headers["WWW-Authenticate"]
     assert failed["job_id"] not in refused.data.decode()
     assert client.get("/?access_token=wrong", headers=HTML).status_code == 401
+    # The sender's credential (kept in clear in Notifications' database) opens nothing here.
+    assert client.get("/?access_token=s3cret", headers=HTML).status_code == 403
+    assert client.get("/", headers={**HTML, "Authorization": "Bearer s3cret"}).status_code == 403
 
-    assert failed["job_id"] in page(client.get("/", headers={**HTML, "Authorization": "Bearer s3cret"}))
-    html = page(client.get("/?access_token=s3cret", headers=HTML))
+    assert failed["job_id"] in page(client.get("/", headers={**HTML, "Authorization": "Bearer ops-token"}))
+    html = page(client.get("/?access_token=ops-token", headers=HTML))
     # Links keep the token (the script sends it on as a bearer header itself).
-    assert f'href="jobs/{failed["job_id"]}?access_token=s3cret"' in html
-    assert 'href="./?state=failed&amp;access_token=s3cret"' in html
+    assert f'href="jobs/{failed["job_id"]}?access_token=ops-token"' in html
+    assert 'href="./?state=failed&amp;access_token=ops-token"' in html
 
 
 def test_page_takes_basic_auth_when_configured(make_client: MakeClient) -> None:
-    client = make_client(basic_auth="ops:pw")
+    client = make_client(admin_basic_auth="ops:pw")
     refused = client.get("/", headers=HTML)
     assert refused.status_code == 401
     assert 'Basic realm="downloader"' in refused.headers["WWW-Authenticate"]
     credentials = base64.b64encode(b"ops:pw").decode()
     page(client.get("/", headers={**HTML, "Authorization": f"Basic {credentials}"}))
+
+
+def test_without_an_operators_credential_only_this_host_sees_the_page(make_client: MakeClient) -> None:
+    client = make_client(token="s3cret")
+    elsewhere = {"REMOTE_ADDR": "192.0.2.7"}
+    refused = client.get("/", headers=HTML, environ_base=elsewhere)
+    assert refused.status_code == 403 and "DOWNLOADER_ADMIN_TOKEN" in refused.get_json()["detail"]
+    assert (
+        client.get(
+            "/", headers={**HTML, "Authorization": "Bearer s3cret"}, environ_base=elsewhere
+        ).status_code
+        == 403
+    )
+    page(client.get("/", headers=HTML))  # from this host
+    assert client.get("/", headers=HTML, environ_base={"REMOTE_ADDR": "::1"}).status_code == 200
 
 
 @pytest.mark.parametrize("accept", [None, "*/*", "application/json", "application/json, text/html;q=0.5"])
@@ -316,11 +334,12 @@ def test_browser_lists_jobs_and_retry_requeues_the_failed_one(
         "CARTD_URL": fake_cartd.url,
         "DOWNLOADER_ROOT": str(root),
         "DOWNLOADER_RETRY_WINDOW": "0",
-        "DOWNLOADER_TOKEN": token,
+        "DOWNLOADER_TOKEN": "sender-token",
+        "DOWNLOADER_ADMIN_TOKEN": token,
     }
     good, bad = good_and_bad
     bad["eventID"] = '<img src=x onerror="alert(1)">'  # an alert would break every call below
-    auth = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": "Bearer sender-token"}
     with served(env, tmp_path / "server.log") as (url, _proc):
         done, failed = (requests.post(url, json=e, headers=auth, timeout=30).json() for e in (good, bad))
         assert (done["state"], failed["state"]) == ("done", "failed"), (done, failed)
@@ -360,7 +379,8 @@ def test_browser_lists_jobs_and_retry_requeues_the_failed_one(
         retried = browser.find_element(By.ID, f"job-{failed['job_id']}")
         assert not retried.find_elements(By.CSS_SELECTOR, "button.retry")
         assert str(root) in retried.find_element(By.CSS_SELECTOR, "td.outcome").text
-        status = requests.get(f"{url}/jobs/{failed['job_id']}", headers=auth, timeout=10).json()
+        operator = {"Authorization": f"Bearer {token}"}  # the sender's credential would be a 403
+        status = requests.get(f"{url}/jobs/{failed['job_id']}", headers=operator, timeout=10).json()
         assert (status["state"], status["attempts"]) == ("done", 2)
 
     # The page's own script and style ran under its policy: nothing was refused.

@@ -588,7 +588,7 @@ def test_basic_auth_is_accepted_like_notifications_sends_it(
 ) -> None:
     import base64
 
-    client = make_client(basic_auth="notify:s3cret", token="tok")
+    client = make_client(basic_auth="notify:s3cret", token="tok", admin_token="ops")
     resp = post(client, make_event(files))
     assert resp.status_code == 401
     assert resp.headers["WWW-Authenticate"] == 'Bearer realm="downloader", Basic realm="downloader"'
@@ -596,8 +596,11 @@ def test_basic_auth_is_accepted_like_notifications_sends_it(
     assert post(client, make_event(files), {**JSON, "Authorization": f"Basic {wrong}"}).status_code == 401
     right = base64.b64encode(b"notify:s3cret").decode()
     assert post(client, make_event(files), {**JSON, "Authorization": f"Basic {right}"}).status_code == 200
-    assert client.get("/jobs", headers={"Authorization": "Bearer tok"}).status_code == 200
+    assert client.get("/jobs", headers={"Authorization": "Bearer ops"}).status_code == 200
     assert client.get("/jobs").status_code == 401
+    # The sender's credentials post events, nothing more.
+    assert client.get("/jobs", headers={"Authorization": "Bearer tok"}).status_code == 403
+    assert client.get("/jobs", headers={"Authorization": f"Basic {right}"}).status_code == 403
 
 
 def test_jobs_list_filters_by_state_and_pages(

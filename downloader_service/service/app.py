@@ -8,10 +8,7 @@ errors included, is JSON (metrics aside). Downloads run in :mod:`.worker`, never
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import hmac
 import json
 import logging
 import threading
@@ -30,8 +27,9 @@ from ..errors import (
 )
 from ..progress import DownloadProgress
 from . import page, subscription
+from .auth import Access, Denied, check_same_origin
 from .events import CART_DELETE
-from .health import readiness
+from .health import public_report, readiness
 from .intake import Intake
 from .jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobError, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -68,12 +66,8 @@ LIST_LIMIT_MAX = 500
 _SYNC_POLL = (0.02, 0.25)  # the first and the longest pause while a sync POST waits
 
 
-class HTTPError(Exception):
-    """An answer decided in the web layer itself (401, 404, 403, 409)."""
-
-    def __init__(self, status: int, kind: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.kind, self.detail, self.headers = status, kind, detail, headers or {}
+class HTTPError(Denied):
+    """An answer decided in the web layer itself (404, 409, 400)."""
 
 
 def error_status(exc: BaseException) -> tuple[int, str]:
@@ -106,6 +100,7 @@ class Service:
         self.make_downloader = make_downloader
         self.metrics = metrics
         self.worker = worker
+        self.access = Access(settings)
         self.intake = Intake(settings, store, metrics, worker.wake if worker is not None else lambda: None)
         self.stopping = threading.Event()
 
@@ -126,31 +121,21 @@ class Service:
         """Where to ask about ``job``."""
         return f"{self.base_url()}/jobs/{job.id}"
 
-    def check_auth(self, params: dict[str, Any]) -> None:
-        """Refuse a request without a configured credential: a bearer token or basic auth."""
-        token, basic = self.settings.token, self.settings.basic_auth
-        if not token and not basic:
-            return
-        header = cherrypy.request.headers.get("Authorization", "")
-        scheme, _, credentials = header.partition(" ")
-        scheme = scheme.lower()
-        if token:
-            given = credentials.strip() if scheme == "bearer" else str(params.get("access_token", ""))
-            if given and hmac.compare_digest(given.encode(), token.encode()):
-                return
-        if basic and scheme == "basic":
-            try:
-                decoded = base64.b64decode(credentials.strip(), validate=True)
-            except (binascii.Error, ValueError):
-                decoded = b""
-            if hmac.compare_digest(decoded, basic.encode()):
-                return
-        challenges = (['Bearer realm="downloader"'] if token else []) + (
-            ['Basic realm="downloader"'] if basic else []
-        )
-        raise HTTPError(
-            401, "unauthorized", "valid credentials are required", {"WWW-Authenticate": ", ".join(challenges)}
-        )
+    def check_sender(self, params: dict[str, Any]) -> None:
+        """Refuse ``POST /`` without the sender's credential, or sent by another site's page."""
+        headers = cherrypy.request.headers
+        check_same_origin(cherrypy.request.method, headers, self.base_url())
+        self.access.check_sender(headers, params)
+
+    def is_operator(self, params: dict[str, Any]) -> bool:
+        """Whether this request may see and change jobs (see :mod:`.auth`)."""
+        return self.access.is_operator(cherrypy.request.headers, params, cherrypy.request.remote.ip or "")
+
+    def check_operator(self, params: dict[str, Any]) -> None:
+        """Refuse the operator surface to the sender's credential, strangers and other sites."""
+        headers = cherrypy.request.headers
+        check_same_origin(cherrypy.request.method, headers, self.base_url())
+        self.access.check_operator(headers, params, cherrypy.request.remote.ip or "")
 
     def read_body(self) -> bytes:
         """Read the request body, refusing more than ``max_body_bytes`` without reading it all.
@@ -213,8 +198,8 @@ class Service:
         return 200, body
 
 
-def refuse(service: Service, exc: HTTPError) -> dict[str, Any]:
-    """Answer an :class:`HTTPError`: its status and headers, counted; the JSON body to send."""
+def refuse(service: Service, exc: Denied) -> dict[str, Any]:
+    """Answer a :class:`~.auth.Denied`: its status and headers, counted; the JSON body to send."""
     cherrypy.response.status = exc.status
     cherrypy.response.headers.update(exc.headers)
     service.metrics.errors.labels(kind=exc.kind).inc()
@@ -244,7 +229,7 @@ def json_handler(method: Callable[..., Any]) -> Callable[..., bytes]:
                 raise HTTPError(404, "not_found", f"no resource at {cherrypy.request.path_info!r}")
             single_values(kwargs)
             body = method(self, *args, **kwargs)
-        except HTTPError as exc:
+        except Denied as exc:
             body = refuse(service, exc)
         except Exception as exc:
             status, kind = error_status(exc)
@@ -274,7 +259,7 @@ class Jobs:
 
     @json_handler
     def GET(self, job_id: str = "", **params: Any) -> dict[str, Any]:
-        self.service.check_auth(params)
+        self.service.check_operator(params)
         if not job_id:
             return self._list(params)
         body = self.service.answer(self._job(job_id))[1]
@@ -285,7 +270,7 @@ class Jobs:
 
     @json_handler
     def POST(self, job_id: str = "", action: str = "", **params: Any) -> dict[str, Any]:
-        self.service.check_auth(params)
+        self.service.check_operator(params)
         if action != "retry":
             raise HTTPError(404, "not_found", "POST /jobs/<id>/retry is the only action")
         job = self._job(job_id)
@@ -302,7 +287,7 @@ class Jobs:
 
     @json_handler
     def DELETE(self, job_id: str = "", **params: Any) -> dict[str, Any]:
-        self.service.check_auth(params)
+        self.service.check_operator(params)
         job = self._job(job_id)
         if job.state == RUNNING:
             raise HTTPError(409, "conflict", f"job {job_id} is running; delete it when it has ended")
@@ -353,7 +338,7 @@ class Health:
         self.service = service
 
     @json_handler
-    def GET(self, which: str = "") -> dict[str, Any]:
+    def GET(self, which: str = "", **params: Any) -> dict[str, Any]:
         if which == "live":
             return {"status": "live", "version": __version__}
         if which not in ("", "ready"):
@@ -373,7 +358,8 @@ class Health:
         if not ready:
             cherrypy.response.status = 503
             cherrypy.response.headers["Retry-After"] = str(self.service.settings.retry_after)
-        return report
+        # Paths, URLs and reasons are for operators; a load balancer needs only the verdict.
+        return report if self.service.is_operator(params) else public_report(report)
 
 
 @cherrypy.expose
@@ -404,8 +390,8 @@ class Root:
             return self._about(*args)
         try:
             single_values(params)
-            self.service.check_auth(params)
-        except HTTPError as exc:
+            self.service.check_operator(params)
+        except Denied as exc:
             # A 401 with its challenge: the browser asks for basic auth credentials.
             cherrypy.response.headers["Content-Type"] = JSON_TYPE
             return json.dumps(refuse(self.service, exc)).encode()
@@ -423,7 +409,7 @@ class Root:
     @json_handler
     def POST(self, **params: Any) -> dict[str, Any]:
         service = self.service
-        service.check_auth(params)
+        service.check_sender(params)
         headers = dict(cherrypy.request.headers)
         check_media_type(headers)  # credentials and media type from the head, then the body
         events = parse_request(headers, service.read_body())

@@ -58,6 +58,24 @@ def readiness(settings: Settings, store: JobStore, session: requests.Session) ->
     return ready, {"status": "ready" if ready else "unavailable", "version": __version__, "checks": checks}
 
 
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The readiness report without what only operators may see (paths, URLs, reasons, hosts)."""
+    subscription = report.get("subscription") or {}
+    public: dict[str, Any] = {
+        "status": report["status"],
+        "version": report["version"],
+        "checks": {name: {"ok": check["ok"]} for name, check in report["checks"].items()},
+    }
+    if "jobs" in report:
+        public["jobs"] = report["jobs"]
+    if subscription:
+        public["subscription"] = {
+            "state": subscription.get("state"),
+            "gaps": len(subscription.get("gaps", ())),
+        }
+    return public
+
+
 def _root_check(settings: Settings) -> dict[str, Any]:
     root = settings.root()
     try:

@@ -7,9 +7,9 @@ and reload. Event ids, sources and error details are hostile input: every value 
 Content-Security-Policy runs no script and applies no style but the page's own (a fresh nonce
 each answer) and lets it talk to nothing but this origin.
 
-Auth is the job API's (:meth:`~.app.Service.check_auth`, called by the edge): basic auth the
-browser remembers, or ``/?access_token=...`` with ``DOWNLOADER_TOKEN``, which the page keeps in
-its links and the script sends on as ``Authorization: Bearer``.
+Auth is the job API's (:mod:`.auth`: the operators' credential, checked by the edge): basic
+auth the browser remembers, or ``/?access_token=...`` with ``DOWNLOADER_ADMIN_TOKEN``, which the
+page keeps in its links and the script sends on as ``Authorization: Bearer``.
 """
 
 from __future__ import annotations

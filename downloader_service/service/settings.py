@@ -106,14 +106,29 @@ class Settings:
         default="",
         metadata={
             "env": "DOWNLOADER_TOKEN",
-            "help": "bearer token required on POST / and /jobs (empty: none)",
+            "help": "bearer token the sender (Notifications) must send on POST / (empty: none)",
         },
     )
     basic_auth: str = field(
         default="",
         metadata={
             "env": "DOWNLOADER_BASIC_AUTH",
-            "help": "user:password accepted as HTTP basic auth on POST / and /jobs (empty: none)",
+            "help": "user:password the sender must send as HTTP basic auth on POST / (empty: none)",
+        },
+    )
+    admin_token: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_ADMIN_TOKEN",
+            "help": "bearer token of operators: /jobs, retry, delete, the jobs page (none set: "
+            "those answer only this host)",
+        },
+    )
+    admin_basic_auth: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_ADMIN_BASIC_AUTH",
+            "help": "user:password of operators, as HTTP basic auth (the jobs page in a browser)",
         },
     )
     max_body_bytes: int = field(
@@ -431,7 +446,7 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
 }
 # Settings whose value is a secret: each may come from a file instead, ``<VARIABLE>_FILE``
 # (the container convention: Docker and Kubernetes secrets are files).
-SECRETS: Final = ("token", "basic_auth", "database_url")
+SECRETS: Final = ("token", "basic_auth", "admin_token", "admin_basic_auth", "database_url")
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -563,8 +578,14 @@ def _check(settings: Settings) -> None:
             raise ValueError
     except ValueError:
         raise _refuse("umask", "an octal number from 000 to 777", settings.umask) from None
-    if settings.basic_auth and ":" not in settings.basic_auth:
-        raise ValueError("DOWNLOADER_BASIC_AUTH must be user:password")
+    for name in ("basic_auth", "admin_basic_auth"):
+        if getattr(settings, name) and ":" not in getattr(settings, name):
+            raise ValueError(f"{_env_name(name)} must be user:password")
+    sender = {settings.token, settings.basic_auth} - {""}
+    if sender & {settings.admin_token, settings.admin_basic_auth}:
+        raise ValueError(
+            "the operators' credential must differ from the sender's (DOWNLOADER_TOKEN, _BASIC_AUTH)"
+        )
     if not settings.event_types:
         raise ValueError("DOWNLOADER_EVENT_TYPES must name at least one type")
     if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:

@@ -5,7 +5,7 @@
 
 (function () {
   const status = document.getElementById("status");
-  // With DOWNLOADER_TOKEN, the page is opened as /?access_token=...; pass it on as a header.
+  // With DOWNLOADER_ADMIN_TOKEN, the page is opened as /?access_token=...; pass it on as a header.
   const token = new URLSearchParams(window.location.search).get("access_token");
 
   function say(text) {
