@@ -732,3 +732,46 @@ def test_retry_of_a_queued_job_runs_it_now_and_of_a_done_one_is_409(
     answer = post(done, make_event(files, event_id="d-1")).get_json()
     assert answer["state"] == "done"
     assert done.post(f"/jobs/{answer['job_id']}/retry").status_code == 409
+
+
+def test_the_same_id_with_another_body_keeps_the_first_job_and_records_the_conflict(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    client = make_client()
+    first = post(client, make_event(files[:1], event_id="same-id")).get_json()
+    assert first["state"] == "done"
+    again = post(client, make_event(files[:1], event_id="same-id")).get_json()
+    assert again.get("duplicate") is True and "conflict" not in again  # the very same event
+    other = post(client, make_event(files[1:], event_id="same-id"))
+    assert other.status_code == 200  # 2xx all the same: Notifications would cut us off
+    answer = other.get_json()
+    assert answer["job_id"] == first["job_id"] and answer["conflict"] is True
+    shown = client.get(f"/jobs/{first['job_id']}").get_json()
+    assert shown["conflicts"]["count"] == 1 and shown["conflicts"]["last"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'downloader_events_total{outcome="conflict"} 1.0' in metrics
+    page = client.get("/", headers={"Accept": "text/html"}).get_data(as_text=True)
+    assert "(1 conflicting)" in page
+
+
+def test_a_long_layout_is_cut_to_the_file_systems_limit_and_downloads(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    client = make_client(layout="{event_id}-{source}-{event_id}/{event_id}{event_id}")
+    event_id = "é" * 150  # 300 bytes in UTF-8: a component of three of them is 900
+    answer = post(client, make_event(files, event_id=event_id)).get_json()
+    assert answer["state"] == "done", answer
+    path = Path(answer["download_path"])
+    assert (path / "data/bar.txt").read_bytes() == BAR
+    for part in path.parts[-2:]:
+        assert len(part.encode("utf-8")) <= 255, part
+    again = post(client, make_event(files, event_id=event_id + "x")).get_json()
+    assert again["state"] == "done" and again["download_path"] != answer["download_path"]
+
+
+@pytest.mark.parametrize("layout", ["{event_id:>300}", "{event_id!r}", "{event_id"])
+def test_a_layout_with_a_format_spec_is_refused_at_start(layout: str) -> None:
+    from downloader_service.service.settings import settings_from_env
+
+    with pytest.raises(ValueError, match="DOWNLOADER_LAYOUT"):
+        settings_from_env({"DOWNLOADER_LAYOUT": layout})

@@ -369,3 +369,29 @@ def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str,
         assert empty is not None and empty.file_count == 0 and "file_count" not in empty.summary()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("skew", [120.0, -120.0])
+def test_leases_on_postgresql_keep_to_the_databases_clock_whatever_a_workers_clock_says(
+    postgres: PostgresServer, skew: float
+) -> None:
+    """A worker whose clock runs 120 s ahead must not take over a job another still runs."""
+    import time
+
+    url = postgres.create_database(f"skew_{next(_databases)}_{uuid.uuid4().hex[:6]}")
+    honest = open_store(url)
+    ahead = open_store(url, clock=lambda: time.time() + skew, db_clock=True)
+    naive = JobStore(url, clock=lambda: time.time() + abs(skew), db_clock=False)  # the old way
+    try:
+        assert honest.db_clock and ahead.db_clock and not naive.db_clock
+        ahead.add([new("skewed-intake")])  # due now on the database's clock, not in 120 s
+        running = honest.claim("honest", 60)
+        assert running is not None and running.event_id == "skewed-intake"
+        assert ahead.claim("ahead", 60) is None  # the lease has 60 s left on the one clock
+        assert ahead.renew([running.id], "ahead", 60) == set()
+        assert honest.renew([running.id], "honest", 60) == {running.id}
+        # What happened before: a clock 120 s ahead saw the lease as run out and took the job.
+        assert naive.claim("naive", 60) is not None
+    finally:
+        for store in (honest, ahead, naive):
+            store.close()

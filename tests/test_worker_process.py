@@ -253,3 +253,36 @@ def test_sigterm_gives_a_transfer_in_progress_its_grace_then_hands_it_back(
         back = job(url, job_id)
         assert (back["state"], back["attempts"]) == ("queued", 0)
         assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_a_store_file_replaced_under_a_running_service_stops_the_intake(
+    tmp_path: Path, fake_cartd: FakeCartd
+) -> None:
+    """Its connections would write on into the unlinked file, answer 2xx, and lose it all."""
+    fake_cartd.add(25, DATA)
+    env = shared_env(tmp_path, fake_cartd, DOWNLOADER_WORKERS="0", DOWNLOADER_ASYNC="true")
+
+    def event(event_id: str) -> dict[str, Any]:
+        return make_event([file_obj(25, "e.txt", "", DATA)], event_id=event_id)
+
+    with served(env, tmp_path / "serve.log") as (url, _proc):
+        first = requests.post(
+            url, json=make_event([file_obj(25, "e.txt", "", DATA)], event_id="s1"), timeout=10
+        )
+        assert first.status_code == 202
+        database = tmp_path / "state" / "jobs.sqlite3"
+        stranger = tmp_path / "other.sqlite3"
+        stranger.write_bytes(database.read_bytes())
+        os.replace(stranger, database)  # a restore, a careless copy: another file now
+        second = requests.post(
+            url, json=make_event([file_obj(25, "e.txt", "", DATA)], event_id="s2"), timeout=10
+        )
+        assert second.status_code == 503, second.text
+        assert second.json()["error"] == "store_unavailable" and "replaced" in second.json()["detail"]
+        ready = requests.get(f"{url}/health/ready", timeout=10)
+        assert ready.status_code == 503 and "replaced" in ready.json()["checks"]["store"]["reason"]
+        database.unlink()
+        gone = requests.post(
+            url, json=make_event([file_obj(25, "e.txt", "", DATA)], event_id="s3"), timeout=10
+        )
+        assert gone.status_code == 503 and "gone" in gone.json()["detail"]

@@ -189,6 +189,8 @@ class Service:
         body["status_url"] = self.status_url(job)
         if not created:
             body["duplicate"] = True
+        if job.conflicted:
+            body["conflict"] = True
         if job.state in (QUEUED, RUNNING):
             return 202, body
         if job.state == DONE:

@@ -29,16 +29,21 @@ from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from .jobs import DONE, Job, JobError
 from .retry import RetryPolicy
 from .settings import Settings
-from .store import Delivery, JobStore, Notice, StoreError
+from .store import CART_DELETE_TYPE, Delivery, JobStore, Notice, StoreError
 
 LOGGER = logging.getLogger(__name__)
 
 COMPLETED: Final = "org.pacifica.downloader.download.completed"
 FAILED: Final = "org.pacifica.downloader.download.failed"
 # Not a CloudEvent: an outbox row whose delivery is DELETE <cart URL> on Cartd.
-CART_DELETE: Final = "cartd.delete"
+CART_DELETE: Final = CART_DELETE_TYPE
 DEFAULT_SOURCE: Final = "/pacifica/downloader"
 SEND_TIMEOUT: Final = (5.0, 30.0)
+# What is read of any answer: enough for a status line's worth of detail, never an endless body.
+ANSWER_BYTES: Final = 4096
+# Threads per lane: Cartd's deletions in one, events to sinks in the other two (a sink that
+# hangs for its whole timeout holds one of them, not every delivery).
+LANES: Final = (("carts", True, 1), ("events", False, 2))
 _RETRYABLE_4XX: Final = frozenset({408, 425, 429})
 
 
@@ -126,35 +131,41 @@ class Deliverer:
         # Cartd's DELETE revokes Celery tasks per file: give it the read timeout Cartd gets.
         self.cart_timeout = (settings.connect_timeout, max(settings.read_timeout, SEND_TIMEOUT[1]))
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Deliver in the background until :meth:`stop`."""
-        self._thread = threading.Thread(target=self._loop, name="deliverer", daemon=True)
-        self._thread.start()
+        """Deliver in the background until :meth:`stop`: cart deletions and events apart."""
+        for name, carts, count in LANES:
+            for number in range(count):
+                thread = threading.Thread(
+                    target=self._loop, args=(carts,), name=f"deliver-{name}-{number}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop after the delivery in hand (an unfinished one is retried when its lease ends)."""
+        """Stop after the deliveries in hand (an unfinished one is retried when its lease ends)."""
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _loop(self) -> None:
+    def _loop(self, carts: bool | None = None) -> None:
         while not self._stopping.is_set():
             try:
-                delivered = self.deliver_once()
+                delivered = self.deliver_once(carts)
             except StoreError as exc:
                 LOGGER.warning("the outbox could not be read", extra={"detail": str(exc)})
                 delivered = None
             if delivered is None:
                 self._stopping.wait(self.settings.poll_interval)
 
-    def deliver_once(self) -> Delivery | None:
-        """Claim one due event and send it; returns it as claimed, or None if none was due."""
+    def deliver_once(self, carts: bool | None = None) -> Delivery | None:
+        """Claim one due row (of the lane ``carts`` says) and send it; None if none was due."""
         # The job lease's length: a deliverer that died is replaced as fast as a worker. One
         # still sending past it may be joined by another: delivery is at least once (the
         # same event id, an idempotent DELETE).
-        delivery = self.store.claim_delivery(self.owner, self.settings.lease_seconds)
+        delivery = self.store.claim_delivery(self.owner, self.settings.lease_seconds, carts)
         if delivery is None:
             return None
         status, error, retryable = self._send(delivery)
@@ -177,23 +188,47 @@ class Deliverer:
 
     def _send(self, delivery: Delivery) -> tuple[int | None, str | None, bool]:
         """POST the event (or DELETE the cart): ``(status, error or None, whether a retry can help)``."""
+        # Never a redirect followed (requests would follow a 302 as a GET without the event
+        # and call that delivered), never more than ANSWER_BYTES of an answer read.
+        options: dict[str, Any] = {"allow_redirects": False, "stream": True}
         try:
             if delivery.type == CART_DELETE:
-                with self.session.delete(delivery.sink, timeout=self.cart_timeout) as resp:
+                with self.session.delete(delivery.sink, timeout=self.cart_timeout, **options) as resp:
                     # 404: Cartd has no such cart any more (deleted before, or purged): done.
                     status = 200 if resp.status_code == 404 else resp.status_code
-                    text = resp.text[:300] if status >= 300 else ""
+                    text = _start_of(resp)
             else:
                 headers, body = structured(dict(delivery.event))
                 with self.session.post(
-                    delivery.sink, data=body, headers=headers, timeout=SEND_TIMEOUT
+                    delivery.sink, data=body, headers=headers, timeout=SEND_TIMEOUT, **options
                 ) as resp:
                     status = resp.status_code
-                    text = resp.text[:300] if status >= 300 else ""
+                    text = _start_of(resp)
         except requests.RequestException as exc:
             where = "Cartd" if delivery.type == CART_DELETE else "the sink"
             return None, f"cannot reach {where}: {type(exc).__name__}", True
         if status < 300:
             return status, None, False
+        where = "Cartd" if delivery.type == CART_DELETE else "the sink"
+        if status < 400:  # a redirect is no delivery; the sink may move back: retried
+            moved = f" to {resp.headers.get('Location', '(nowhere)')[:200]}"
+            return status, f"{where} answered {status} (a redirect{moved}; not followed)", True
         retryable = status >= 500 or status in _RETRYABLE_4XX
-        return status, f"the sink answered {status}: {text}".strip(), retryable
+        return status, f"{where} answered {status}: {text}".strip(), retryable
+
+
+def _start_of(resp: requests.Response) -> str:
+    """At most :data:`ANSWER_BYTES` of an answer's body, as text (its first 300 characters).
+
+    A body that ends within the limit is read to its end, so that the connection goes back to
+    the pool; a longer (or endless) one is left, and its connection closed.
+    """
+    data = bytearray()
+    try:
+        for chunk in resp.iter_content(chunk_size=1024):
+            data += chunk
+            if len(data) >= ANSWER_BYTES:
+                break
+    except (requests.RequestException, OSError, ValueError):
+        pass
+    return bytes(data[:ANSWER_BYTES]).decode("utf-8", "replace")[:300]

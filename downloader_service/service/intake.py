@@ -60,6 +60,14 @@ class Intake:
         self.wake()
         for job, created in accepted:
             outcome = "duplicate" if not created else ("rejected" if job.state == REJECTED else "accepted")
+            if job.conflicted:
+                # Answered 2xx all the same (Notifications would disable the subscription), but
+                # kept on the job, counted and said: new data under an old id is never fetched.
+                outcome = "conflict"
+                LOGGER.warning(
+                    "event id reused with another body; the first body's job stands",
+                    extra={"event_id": job.event_id, "source": job.source, "job_id": job.id},
+                )
             self.metrics.events.labels(outcome=outcome).inc()
             extra = {"event_id": job.event_id, "job_id": job.id, "state": job.state, "duplicate": not created}
             if created and job.state == REJECTED and job.error is not None:

@@ -134,6 +134,11 @@ class Job:
     finished_at: float | None = None
     removed_at: float | None = None
     deaths: int = 0
+    # Deliveries of the same (source, id) with another body, and when the last came.
+    conflicts: int = 0
+    conflict_at: float | None = None
+    # Not stored: this delivery (the one the intake answers now) was such a conflict.
+    conflicted: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -169,6 +174,13 @@ class Job:
             body["host"] = self.host
         if self.removed_at is not None:
             body["removed"] = _iso(self.removed_at)
+        if self.conflicts:
+            body["conflicts"] = {
+                "count": self.conflicts,
+                "last": _iso(self.conflict_at) if self.conflict_at is not None else None,
+                "detail": "this event's source and id came again with another body; that body was "
+                "not downloaded (send new data under a new id)",
+            }
         if self.result:
             body.update(
                 files=self.result.get("files"),

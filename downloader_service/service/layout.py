@@ -25,6 +25,8 @@ NOTIFICATION_FILE: Final = "notification.json"
 METADATA_FILE: Final = "metadata.json"
 _UNSAFE: Final = re.compile(r"[^\w.+=@-]")  # \w is Unicode-aware: names a person can read
 _FIELD_LIMIT: Final = 64
+# Linux's NAME_MAX is 255 bytes; a name already taken gets "-" and the 32-character job id.
+NAME_BYTES: Final = 255 - 33
 _TRANSACTION_FIELDS: Final = {
     "Transactions._id": "transaction",
     "Transactions.submitter": "submitter",
@@ -35,7 +37,15 @@ _TRANSACTION_FIELDS: Final = {
 
 def check_layout(template: str) -> str:
     """Return ``template`` if it names a relative path from known fields, else ``ValueError``."""
-    names = [name for _text, name, _spec, _conv in string.Formatter().parse(template) if name is not None]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a layout: {exc}") from None
+    for _text, name, spec, conversion in parsed:
+        if spec or conversion:
+            # {event_id:>300} would pad a name past what a file system holds: fields only.
+            raise ValueError(f"{{{name}}} takes no format spec or conversion; write plain {{{name}}}")
+    names = [name for _text, name, _spec, _conv in parsed if name is not None]
     unknown = sorted(set(names) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; the layout takes {', '.join(FIELDS)}")
@@ -58,7 +68,19 @@ def render(template: str, job: Job) -> str:
         "date": datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d"),
         **{name: meta.get(name) for name in ("transaction", "proposal", "instrument", "submitter")},
     }
-    return template.format(**{name: _safe(value) for name, value in values.items()})
+    rendered = template.format(**{name: _safe(value) for name, value in values.items()})
+    return "/".join(_fit(part) for part in rendered.split("/"))
+
+
+def _fit(part: str) -> str:
+    """A directory name cut to fit NAME_MAX in bytes (between characters, never inside one).
+
+    Room is left for the ``-<job id>`` that a name already taken gets.
+    """
+    data = part.encode("utf-8")
+    if len(data) <= NAME_BYTES:
+        return part
+    return data[:NAME_BYTES].decode("utf-8", "ignore").rstrip(".") or "unknown"
 
 
 def _safe(value: Any) -> str:

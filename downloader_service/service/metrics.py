@@ -79,7 +79,7 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter(
             "downloader_events",
-            "CloudEvents received, by outcome (accepted, rejected, duplicate, busy, invalid)",
+            "CloudEvents received, by outcome (accepted, rejected, duplicate, conflict, busy, invalid)",
             ["outcome"],
             registry=self.registry,
         )

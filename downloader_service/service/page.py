@@ -174,7 +174,7 @@ def _row(job: Job, token: str) -> str:
     files = summary.get("files", summary.get("file_count"))
     cells = [
         f'<td class="state state-{_text(job.state)}">{_text(job.state)}</td>',
-        f'<td class="event">{_text(job.event_id)}</td>',
+        f'<td class="event">{_text(job.event_id)}{_conflicts(job)}</td>',
         f'<td class="source">{_text(job.source)}</td>',
         f'<td class="created">{_text(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.created_at)))}</td>',
         f'<td class="num">{job.attempts}</td>',
@@ -185,6 +185,14 @@ def _row(job: Job, token: str) -> str:
         f'<td class="actions">{_actions(job, token)}</td>',
     ]
     return f'<tr id="job-{_text(job.id)}" data-state="{_text(job.state)}">{"".join(cells)}</tr>'
+
+
+def _conflicts(job: Job) -> str:
+    """A mark on an event whose id came again with another body (that body was not fetched)."""
+    if not job.conflicts:
+        return ""
+    title = "this source and id came again with another body, which was not downloaded"
+    return f' <span class="conflict" title="{_text(title)}">({job.conflicts} conflicting)</span>'
 
 
 def _outcome(job: Job, summary: dict[str, Any]) -> str:

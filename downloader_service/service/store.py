@@ -17,13 +17,15 @@ machines, so a monotonic clock would not do.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -65,6 +67,8 @@ VERSION_TABLE: Final = "downloader_schema_version"
 # pg_advisory_xact_lock key serialising schema upgrades started by many replicas at once.
 _UPGRADE_LOCK: Final = 0x70616369666963  # "pacific"
 SQLITE_BUSY_TIMEOUT: Final = 30.0
+SQLITE_POOL_MAX: Final = 12
+SQLITE_CACHE_KIB: Final = 512
 
 METADATA = MetaData()
 
@@ -102,6 +106,11 @@ jobs = Table(
     # Attempts that ended with their worker dead (lease run out): a job that keeps killing
     # its workers (out of memory, a crash) must not take them all down for ever.
     Column("deaths", Integer, nullable=False, server_default="0"),
+    # sha256 of the event as received (its mode aside), and how often the same (source, id)
+    # arrived with another one since (0006): a sender reusing ids must not go unnoticed.
+    Column("event_digest", String(64)),
+    Column("conflicts", Integer, nullable=False, server_default="0"),
+    Column("conflict_at", Float),
     UniqueConstraint("source", "event_id", name="uq_jobs_source_event_id"),
     Index("ix_jobs_state_run_at", "state", "run_at"),
     Index("ix_jobs_created_at", "created_at"),
@@ -130,6 +139,8 @@ outbox = Table(
     Index("ix_outbox_state_run_at", "state", "run_at"),
 )
 PENDING, SENT = "pending", "sent"
+# The outbox row type of a cart deletion (events.CART_DELETE; named here, the store imports no events).
+CART_DELETE_TYPE: Final = "cartd.delete"
 
 # The subscription guard (service/subscription.py): one leased row per guarded subscription,
 # holding what its guard last saw, so every replica's /health and /metrics can report it.
@@ -269,14 +280,19 @@ class JobStore:
         self,
         url: str,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        db_clock: bool | None = None,
         pool_size: int = 8,
         max_overflow: int = 32,
     ) -> None:
         self.url = engine_url(url)
-        self.clock = clock
+        self.clock = clock or time.time
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
+        # Leases and due times on one clock for every process: PostgreSQL's own (machines'
+        # clocks drift; one running 120 s ahead took over jobs others still ran). SQLite is one
+        # machine's file. A clock injected by a test stands in for it unless db_clock says so.
+        self.db_clock = self.dialect == "postgresql" and (clock is None if db_clock is None else db_clock)
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url, parsed.database, pool_size, max_overflow)
         elif self.dialect == "postgresql":
@@ -286,6 +302,15 @@ class JobStore:
         else:
             raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        # A SQLite file removed or replaced under us: our connections would go on writing to
+        # the old, unlinked file, answer 2xx, and lose it all at the next start. Its identity
+        # (device, inode) is taken at the first write and checked at every one after.
+        self._file = (
+            parsed.database
+            if self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:")
+            else None
+        )
+        self._identity: tuple[int, int] | None = None
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -294,6 +319,12 @@ class JobStore:
     def describe(self) -> str:
         """The URL without its password, for logs."""
         return make_url(self.url).render_as_string(hide_password=True)
+
+    def _lease_now(self) -> Any:
+        """Now for leases and due times: the database's clock (an SQL expression), or ours."""
+        if self.db_clock:
+            return func.extract("epoch", func.clock_timestamp())
+        return self.clock()
 
     # ------------------------------------------------------------------ schema
     def upgrade(self) -> str:
@@ -337,12 +368,13 @@ class JobStore:
         come back without their event and files (:meth:`get` has them).
         """
         now = self.clock()
+        due = self._lease_now()
         answers = []
         with self._write() as conn:
             for new in new_jobs:
                 inserted = conn.execute(
                     self._insert(jobs)
-                    .values(**_new_row(new, now))
+                    .values(**{**_new_row(new, now), "run_at": due})
                     .on_conflict_do_nothing(index_elements=["source", "event_id"])
                     .returning(*_STATE_COLUMNS)
                 ).first()
@@ -350,7 +382,13 @@ class JobStore:
                     answers.append((_job(inserted), True))
                     continue
                 same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
-                existing = _job(_select_one(conn, same, contents=False))
+                digest = event_digest(new.event)
+                conflicted = conn.execute(
+                    update(jobs)
+                    .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
+                    .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
+                ).rowcount
+                existing = replace(_job(_select_one(conn, same, contents=False)), conflicted=bool(conflicted))
                 if existing.state == FAILED and existing.error is not None and existing.error.retryable:
                     _requeue(conn, existing.id, now)
                     answers.append((_job(_select_one(conn, jobs.c.id == existing.id, contents=False)), True))
@@ -365,7 +403,7 @@ class JobStore:
         Two queries, each walking an index in order and stopping at its first row (an OR of
         both would scan and sort every due row: 183 ms a claim with 100,000 queued).
         """
-        now = self.clock()
+        now = self._lease_now()
         orphaned = (jobs.c.state == RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
         due = (jobs.c.state == QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
         with self._write() as conn:
@@ -387,7 +425,7 @@ class JobStore:
                         lease_expires=now + lease,
                         attempts=jobs.c.attempts + 1,
                         deaths=jobs.c.deaths + died,
-                        updated_at=now,
+                        updated_at=self.clock(),
                     )
                     .returning(*jobs.c)
                 ).first()
@@ -400,7 +438,7 @@ class JobStore:
         ids = list(job_ids)
         if not ids:
             return set()
-        now = self.clock()
+        now = self._lease_now()
         with self._write() as conn:
             rows = conn.execute(
                 update(jobs)
@@ -449,15 +487,27 @@ class JobStore:
         )
 
     def retry_later(
-        self, job_id: str, owner: str, error: JobError, run_at: float, notices: Sequence[Notice] = ()
+        self,
+        job_id: str,
+        owner: str,
+        error: JobError,
+        run_at: float | None = None,
+        notices: Sequence[Notice] = (),
+        *,
+        delay: float | None = None,
     ) -> bool:
-        """The attempt failed and may succeed later: back to ``queued`` until ``run_at``."""
+        """The attempt failed and may succeed later: back to ``queued`` until ``run_at``.
+
+        ``delay`` (seconds from now, on the store's lease clock) instead of ``run_at``.
+        """
+        if (run_at is None) == (delay is None):
+            raise TypeError("retry_later takes run_at or delay")
         return self._update_held(
             job_id,
             owner,
             notices=notices,
             state=QUEUED,
-            run_at=run_at,
+            run_at=run_at if delay is None else self._lease_now() + delay,
             attempt_path=None,
             cart_url=None,
             download_path=None,
@@ -495,7 +545,7 @@ class JobStore:
             owner,
             notices,
             state=QUEUED,
-            run_at=self.clock(),
+            run_at=self._lease_now(),
             attempts=jobs.c.attempts - 1,
             lease_owner=None,
             lease_expires=None,
@@ -552,9 +602,13 @@ class JobStore:
             return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
 
     def delete(self, job_id: str) -> Job | None:
-        """Remove the job's record and its completion events (the caller removes its files)."""
+        """Remove the job's record and its delivered outbox rows (the caller removes its files).
+
+        What the outbox still owes (a cart to delete on Cartd, an event still to send) stays:
+        it needs no job record, and forgetting it would leave a cart on Cartd for good.
+        """
         with self._write() as conn:
-            conn.execute(delete(outbox).where(outbox.c.job_id == job_id))
+            conn.execute(delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != PENDING))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -650,13 +704,21 @@ class JobStore:
         return bool(result.rowcount)
 
     # ----------------------------------------------------------------- outbox
-    def claim_delivery(self, owner: str, lease: float) -> Delivery | None:
-        """Take the next due completion event to deliver (or one whose deliverer died)."""
-        now = self.clock()
+    def claim_delivery(self, owner: str, lease: float, carts: bool | None = None) -> Delivery | None:
+        """Take the next due outbox row to deliver (or one whose deliverer died).
+
+        ``carts``: only cart deletions (True), only events (False), or either (None): the two
+        kinds go in lanes of their own, so a hanging sink never holds up Cartd's deletions.
+        """
+        now = self._lease_now()
         due = or_(
             and_(outbox.c.state == PENDING, outbox.c.run_at <= now, outbox.c.lease_owner.is_(None)),
             and_(outbox.c.state == PENDING, outbox.c.lease_expires < now),
         )
+        if carts is not None:
+            due = and_(
+                due, (outbox.c.type == CART_DELETE_TYPE) if carts else (outbox.c.type != CART_DELETE_TYPE)
+            )
         candidate = (
             select(outbox.c.id)
             .where(due)
@@ -673,7 +735,7 @@ class JobStore:
                     lease_owner=owner,
                     lease_expires=now + lease,
                     attempts=outbox.c.attempts + 1,
-                    updated_at=now,
+                    updated_at=self.clock(),
                 )
                 .returning(*outbox.c)
             ).first()
@@ -727,7 +789,7 @@ class JobStore:
         ``dead`` names a holder known to be dead (an earlier process of this container), whose
         lease need not run out. One statement each way, so two replicas never both get it.
         """
-        now = self.clock()
+        now = self._lease_now()
         holders = [
             subscription_guard.c.owner == owner,
             subscription_guard.c.owner.is_(None),
@@ -739,12 +801,14 @@ class JobStore:
             taken = conn.execute(
                 update(subscription_guard)
                 .where(subscription_guard.c.name == name, or_(*holders))
-                .values(owner=owner, lease_expires=now + lease, updated_at=now)
+                .values(owner=owner, lease_expires=now + lease, updated_at=self.clock())
             ).rowcount
             if not taken:
                 taken = conn.execute(
                     self._insert(subscription_guard)
-                    .values(name=name, owner=owner, lease_expires=now + lease, state="{}", updated_at=now)
+                    .values(
+                        name=name, owner=owner, lease_expires=now + lease, state="{}", updated_at=self.clock()
+                    )
                     .on_conflict_do_nothing(index_elements=["name"])
                 ).rowcount
         return bool(taken)
@@ -846,12 +910,37 @@ class JobStore:
             row = conn.execute(select(subscription_gaps).where(subscription_gaps.c.id == gap_id)).first()
         return None if row is None else _gap(row)
 
+    def _check_file(self) -> None:
+        """Raise :class:`StoreError` if the SQLite file is gone or is another file now."""
+        if self._file is None or self._identity is None:
+            return  # not SQLite, or not written yet (the first write makes the file)
+        try:
+            info = os.stat(self._file)
+        except OSError as exc:
+            raise StoreError(
+                f"the job store file {self._file} is gone ({exc.strerror}): restart the service",
+                path=self._file,
+            ) from None
+        if (info.st_dev, info.st_ino) != self._identity:
+            raise StoreError(
+                f"the job store file {self._file} was replaced while the service ran: restart the service",
+                path=self._file,
+            )
+
+    def _note_file(self) -> None:
+        if self._file is not None and self._identity is None:
+            with contextlib.suppress(OSError):
+                info = os.stat(self._file)
+                self._identity = (info.st_dev, info.st_ino)
+
     @contextmanager
     def _write(self) -> Iterator[Connection]:
+        self._check_file()
         with self._translated(), self.engine.connect() as conn:
             conn = conn.execution_options(sqlite_immediate=True)
             with conn.begin():
                 yield conn
+        self._note_file()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -882,10 +971,15 @@ def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
 
 
 def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow: int) -> Engine:
+    # One writer at a time (BEGIN IMMEDIATE) and cheap connections: a pool of one connection
+    # per HTTP thread only held more descriptors and page caches (32 threads: +46 fds, +20 MB
+    # of caches filling as the table grew). A request waits for a connection for at most
+    # SQLITE_BUSY_TIMEOUT, as it would wait for the write lock.
     engine = create_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
+        pool_size=min(pool_size, SQLITE_POOL_MAX),
+        max_overflow=min(max_overflow, 4),
+        pool_timeout=SQLITE_BUSY_TIMEOUT,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
     )
 
@@ -898,6 +992,9 @@ def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow:
             cursor.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (the WAL fsynced) before the intake answers 2xx.
         cursor.execute("PRAGMA synchronous=FULL")
+        # Each connection's own page cache (2 MiB by default) fills as the table grows; the
+        # kernel caches the file anyway. Bounded per connection, bounded for the pool.
+        cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
         cursor.close()
 
@@ -933,12 +1030,19 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "created_at": now,
         "updated_at": now,
         "event": dumps(dict(new.event)),
+        "event_digest": event_digest(new.event),
         "files": _files_json(new.files),
         "file_count": len(new.files),
     }
     if new.error is not None:
         row.update(_error_values(new.error), finished_at=now)
     return row
+
+
+def event_digest(event: Mapping[str, Any]) -> str:
+    """sha256 of an event's record, without how it came (the same event may come another way)."""
+    record = {key: value for key, value in event.items() if key != "receivedmode"}
+    return hashlib.sha256(dumps(record).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _requeue(conn: Connection, job_id: str, now: float) -> None:
@@ -1026,6 +1130,8 @@ def _job(row: Any) -> Job:
         finished_at=row.finished_at,
         removed_at=row.removed_at,
         deaths=row.deaths,
+        conflicts=row.conflicts,
+        conflict_at=row.conflict_at,
     )
 
 
