@@ -390,3 +390,51 @@ def test_an_unread_chunked_body_is_not_parsed_as_a_second_request(
             reply += data
     assert reply.count(b"HTTP/1.1 ") == 1, reply
     assert reply.startswith(b"HTTP/1.1 404")
+
+
+@pytest.mark.parametrize(
+    ("head", "why"),
+    [
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length : 5\r\n\r\nhello", "whitespace between"),
+        (
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "whitespace",
+        ),
+        (b"GET /health/live HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n  folded\r\n\r\n", "folded"),
+        (b"GET /health/live HTTP/1.1\r\nHost: t\r\nBad Name: 1\r\n\r\n", "not a token"),
+        (
+            b"GET /health/live HTTP/1.1\r\nHost: t\r\n"
+            b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n",
+            "more than one",
+        ),
+        (b"GET /health/live HTTP/1.1\nHost: t\n\n", "bare LF"),
+        (b"GET /health/live HTTP/1.1\r\nHost: t\nX: y\r\n\r\n", "bare LF"),
+    ],
+    ids=["cl-space-colon", "te-space-colon", "obs-fold", "bad-name", "two-te", "bare-lf", "one-bare-lf"],
+)
+def test_heads_rfc_9112_refuses_are_400_at_once(
+    server: tuple[str, subprocess.Popen[bytes], Path], head: bytes, why: str
+) -> None:
+    url, _proc, _log = server
+    started = time.monotonic()
+    status, headers, body = exchange(url, head, timeout=5)
+    assert status == 400, body
+    assert time.monotonic() - started < 2  # not after the 2 s idle timeout, nor the deadline
+    assert headers.get("Connection") == "close"
+    assert why in json.loads(body)["detail"], body
+
+
+def test_the_gate_and_the_request_read_fields_with_one_parser() -> None:
+    from downloader_service.service.http import _body_wanted, parse_fields
+
+    head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length : 5"
+    with pytest.raises(ValueError, match="whitespace between"):
+        parse_fields(head.split(b"\r\n")[1:])
+    with pytest.raises(ValueError, match="whitespace between"):
+        _body_wanted(head)
+    assert parse_fields([b"accept: a", b"ACCEPT:b", b"content-length:  7 "]) == {
+        b"Accept": b"a, b",
+        b"Content-Length": b"7",
+    }
+    assert _body_wanted(b"POST / HTTP/1.1\r\nContent-Length: 7\r\nExpect: 100-continue") == (7, True)
+    assert _body_wanted(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked") == (None, False)

@@ -1,9 +1,13 @@
 """The HTTP server: CherryPy's cheroot, strict about message framing and unmoved by slow clients.
 
-Framing: two ``Content-Length`` (or ``Host``) headers, a ``Content-Length`` that is not a
-number of bytes, or ``Content-Length`` beside ``Transfer-Encoding`` (request smuggling) are
-refused ``400`` as soon as the head has arrived, and the connection is closed. Every answer
-cheroot gives itself (400, 408, 413, 500, ...) is JSON, like the application's.
+Framing: one parser (:func:`parse_fields`) reads every request's header fields, for the gate
+below and for cheroot's request alike, so the two cannot disagree on a request's length. Two
+``Content-Length``, ``Transfer-Encoding`` or ``Host`` fields, a ``Content-Length`` that is not a
+number of bytes, ``Content-Length`` beside ``Transfer-Encoding`` (request smuggling),
+whitespace between a field's name and its colon, folded lines and bare LF line ends are refused
+``400`` as soon as the head has arrived, and the connection is closed. A body the application
+leaves unread closes the connection too. Every answer cheroot gives itself (400, 408, 413,
+500, ...) is JSON, like the application's.
 
 Slow clients: cheroot hands a connection to a pool thread as soon as it is accepted, and the
 thread then waits for the request for as long as bytes keep trickling in, so a few dozen slow
@@ -43,9 +47,9 @@ DRAIN_LIMIT: Final = 64 * 1024
 LINGER_SECONDS: Final = 2.0
 LINGER_BYTES: Final = 16 * 1024 * 1024
 _END_OF_HEAD: Final = b"\r\n\r\n"
-_HEADER_LINE = re.compile(rb"\r\n([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:[ \t]*([^\r\n]*)")
-# Headers a request may carry once: two that differ leave the length (or host) ambiguous.
-_SINGLE: Final = frozenset({b"Content-Length", b"Host"})
+# A line feed without its carriage return: RFC 9112 wants CRLF, and a head that never has a
+# CRLF CRLF would otherwise wait for its deadline.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _KINDS: Final = {
     400: "bad_request",
     408: "request_timeout",
@@ -56,20 +60,49 @@ _KINDS: Final = {
     503: "unavailable",
     505: "http_version_not_supported",
 }
-Verdict = Literal["ready", "wait", "late", "gone"]
+Verdict = Literal["ready", "wait", "late", "gone", "bad"]
 
 
-class _SingleHeaders(dict[bytes, bytes]):
-    """Headers as cheroot reads them; a second ``Content-Length`` or ``Host`` is refused."""
+# Field names are tokens (RFC 9110 5.6.2).
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Duplicated fields that change what a request is: two values leave it ambiguous.
+_SINGLE: Final = frozenset({b"Content-Length", b"Host", b"Transfer-Encoding"})
 
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        if key in _SINGLE and key in self:
-            raise ValueError(f"more than one {key.decode('latin-1')} header")
-        super().__setitem__(key, value)
+
+def parse_fields(lines: list[bytes]) -> dict[bytes, bytes]:
+    """A request's header lines (CRLF removed) as ``{Title-Case-Name: value}``, strictly.
+
+    The one parser of header fields here: the gate reads a head with it (to know how much body
+    to wait for) and cheroot's request reads the same head with it (through
+    :class:`StrictHeaderReader`), so the two never disagree on framing. Refused with
+    ``ValueError`` (a 400, and the connection closed), as RFC 9112 asks: whitespace between a
+    field's name and its colon (section 5.1), a line folded onto the one before (obs-fold), a
+    name that is not a token, a line without a colon, and a second Content-Length,
+    Transfer-Encoding or Host. Other repeated fields are joined with ``", "``.
+    """
+    fields: dict[bytes, bytes] = {}
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise ValueError("a header line folded onto the one before (obs-fold)")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ValueError(f"a header line without a colon: {line[:80]!r}")
+        if not _TOKEN.fullmatch(name):
+            if name.rstrip(b" \t") != name and _TOKEN.fullmatch(name.rstrip(b" \t")):
+                raise ValueError(f"whitespace between the header name {name.strip()!r} and its colon")
+            raise ValueError(f"a header name that is not a token: {name[:80]!r}")
+        key = name.title()
+        value = value.strip(b" \t")
+        if key in fields:
+            if key in _SINGLE:
+                raise ValueError(f"more than one {key.decode('latin-1')} header")
+            value = fields[key] + b", " + value
+        fields[key] = value
+    return fields
 
 
 class StrictHeaderReader(HeaderReader):
-    """cheroot's header reader, plus the checks that leave a request's length unambiguous.
+    """cheroot's header reading, done by :func:`parse_fields`, and a length left unambiguous.
 
     A ``ValueError`` here makes cheroot answer ``400`` with its message and close.
     """
@@ -78,7 +111,17 @@ class StrictHeaderReader(HeaderReader):
         self.drop_expect = drop_expect
 
     def __call__(self, rfile: Any, hdict: Any = None) -> Any:
-        headers: dict[bytes, bytes] = super().__call__(rfile, _SingleHeaders())
+        lines = []
+        while True:
+            line = rfile.readline()
+            if not line:
+                raise ValueError("the request's head ends before its empty line")
+            if line == b"\r\n":
+                break
+            if not line.endswith(b"\r\n") or b"\n" in line[:-2]:
+                raise ValueError("header lines must end with CRLF")
+            lines.append(line[:-2])
+        headers = parse_fields(lines)
         length = headers.get(b"Content-Length")
         if length is not None and b"Transfer-Encoding" in headers:
             raise ValueError("Content-Length and Transfer-Encoding together")
@@ -236,6 +279,7 @@ class _Connection(HTTPConnection):
         self.started: float | None = None  # when the current request's first byte came
         self.continued = False  # the gate answered "Expect: 100-continue"
         self.lingering = False  # an answer went out before the body was read: close gently
+        self.refusal = ""  # why the gate refused the head
         # Only a plain socket gets an inbox: a TLS connection keeps cheroot's files (and no gate).
         super().__init__(server, sock, self._files if makefile is MakeFile else makefile)
 
@@ -282,7 +326,12 @@ class _Connection(HTTPConnection):
         here = inbox.pull()
         if inbox.pending and self.started is None:
             self.started = time.monotonic()
-        if self._arrived(inbox):
+        try:
+            arrived = self._arrived(inbox)
+        except ValueError as exc:
+            self.refusal = str(exc)
+            return "bad"
+        if arrived:
             inbox.waiting = False
             return "ready"
         if not here:
@@ -295,6 +344,8 @@ class _Connection(HTTPConnection):
     def _arrived(self, inbox: _Inbox) -> bool:
         pending = inbox.pending
         end = pending.find(_END_OF_HEAD)
+        if _BARE_LF.search(pending, 0, len(pending) if end < 0 else end + len(_END_OF_HEAD)):
+            raise ValueError("the request's lines must end with CRLF, not a bare LF")
         if end < 0:
             return len(pending) >= HEAD_LIMIT  # the thread answers 413 from what is here
         received = len(pending) - end - len(_END_OF_HEAD)
@@ -317,6 +368,13 @@ class _Connection(HTTPConnection):
         if self.inbox is not None:
             self.inbox.deadline = None
 
+    def refuse_bad(self) -> None:
+        """Answer a head the gate could not accept 400, from the selector thread."""
+        detail = json.dumps({"error": "bad_request", "detail": self.refusal}).encode()
+        head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        if self.inbox is not None:
+            self.inbox.send_now(head + b"Content-Length: %d\r\n\r\n" % len(detail) + detail)
+
     def refuse_late(self) -> None:
         """Answer a request that did not arrive in time 408, from the selector thread."""
         body = b'{"error": "request_timeout", "detail": "the request did not arrive in time"}'
@@ -328,17 +386,17 @@ class _Connection(HTTPConnection):
 def _body_wanted(head: bytes) -> tuple[int | None, bool]:
     """How many body bytes the gate waits for (None: chunked), and whether 100 Continue is due.
 
-    A head with ambiguous framing wants nothing: a thread refuses it at once.
+    Read with :func:`parse_fields`, the parser the request itself uses; a head it refuses
+    raises ``ValueError`` (the gate answers 400). A head with ambiguous framing wants nothing:
+    a thread refuses it at once.
     """
-    fields: dict[bytes, list[bytes]] = {}
-    for name, value in _HEADER_LINE.findall(head):
-        fields.setdefault(name.lower(), []).append(value.strip())
-    lengths = fields.get(b"content-length", [])
-    expects_continue = [value.lower() for value in fields.get(b"expect", [])] == [b"100-continue"]
-    if b"transfer-encoding" in fields:
-        return (None, expects_continue) if not lengths else (0, False)
-    if len(lengths) == 1 and lengths[0].isdigit():
-        return min(int(lengths[0]), BODY_PREBUFFER), expects_continue
+    fields = parse_fields(head.split(b"\r\n")[1:])
+    length = fields.get(b"Content-Length")
+    expects_continue = fields.get(b"Expect", b"").lower() == b"100-continue"
+    if b"Transfer-Encoding" in fields:
+        return (None, expects_continue) if length is None else (0, False)
+    if length is not None and length.isdigit():
+        return min(int(length), BODY_PREBUFFER), expects_continue
     return 0, False
 
 
@@ -371,4 +429,6 @@ class HardenedServer(CPWSGIServer):  # type: ignore[misc]
         else:
             if verdict == "late":
                 conn.refuse_late()
+            elif verdict == "bad":
+                conn.refuse_bad()
             conn.close()
