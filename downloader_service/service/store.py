@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -989,7 +990,7 @@ def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         if database and database != ":memory:":
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _use_wal(cursor)
         # FULL: a commit is on disk (the WAL fsynced) before the intake answers 2xx.
         cursor.execute("PRAGMA synchronous=FULL")
         # Each connection's own page cache (2 MiB by default) fills as the table grows; the
@@ -1006,6 +1007,26 @@ def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _use_wal(cursor: Any) -> None:
+    """Put the database in WAL mode (once: it sticks to the file).
+
+    Switching needs the file to itself, and SQLite answers "database is locked" at once, without
+    its busy handler, while another connection is in it: processes starting together (replicas,
+    the CLI beside serve) met that now and then. Already WAL is the common case: no switch.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    while True:
+        if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _alembic_config() -> Any:
