@@ -196,6 +196,17 @@ def _worker(args: argparse.Namespace) -> int:
     return _started(lambda: run_worker(settings))
 
 
+def _open_store(settings: Settings, upgrade: bool) -> Any:
+    """The job store the settings name, or None after one line on stderr saying why not."""
+    from ..service.store import open_store
+
+    try:
+        return open_store(settings.database(), upgrade=upgrade)
+    except DownloaderError as exc:
+        print(f"downloader-service: {exc}", file=sys.stderr)
+        return None
+
+
 def _started(run: Any) -> int:
     """Run a long-lived command; a problem at start is one line on stderr, not a traceback."""
     try:
@@ -210,15 +221,11 @@ def _started(run: Any) -> int:
 
 
 def _db(args: argparse.Namespace) -> int:
-    from ..service.store import open_store
-
     settings = _settings(args)
     if settings is None:
         return EXIT_USAGE
-    try:
-        store = open_store(settings.database(), upgrade=args.action == "upgrade")
-    except DownloaderError as exc:
-        print(f"downloader-service: {exc}", file=sys.stderr)
+    store = _open_store(settings, upgrade=args.action == "upgrade")
+    if store is None:
         return EXIT_ERROR
     print(f"{store.describe()}: schema revision {store.check()} (newest)")
     store.close()
@@ -226,16 +233,12 @@ def _db(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from ..service.store import open_store
-
     settings = _settings(args)
     if settings is None:
         return EXIT_USAGE
-    try:
-        # Only import writes jobs: it may make the store (before the service ever ran).
-        store = open_store(settings.database(), upgrade=args.action == "import" and settings.db_upgrade)
-    except DownloaderError as exc:
-        print(f"downloader-service: {exc}", file=sys.stderr)
+    # Only import writes jobs: it may make the store (before the service ever ran).
+    store = _open_store(settings, upgrade=args.action == "import" and settings.db_upgrade)
+    if store is None:
         return EXIT_ERROR
     try:
         return _job_action(args, settings, store)
@@ -372,7 +375,6 @@ def _inside(gap: Any, window: tuple[datetime, datetime]) -> bool:
 def _subscribe(args: argparse.Namespace) -> int:
     import time
 
-    from ..service.store import open_store
     from ..service.subscription import (
         NotificationsClient,
         NotificationsError,
@@ -390,10 +392,8 @@ def _subscribe(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    try:
-        store = open_store(settings.database(), upgrade=settings.db_upgrade)
-    except DownloaderError as exc:
-        print(f"downloader-service: {exc}", file=sys.stderr)
+    store = _open_store(settings, upgrade=settings.db_upgrade)
+    if store is None:
         return EXIT_ERROR
     client = NotificationsClient.from_settings(settings)
     deadline = time.monotonic() + max(0.0, args.wait)
@@ -427,16 +427,14 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _subscription(args: argparse.Namespace) -> int:
-    from ..service.store import GAP_DISMISSED, open_store
+    from ..service.store import GAP_DISMISSED
     from ..service.subscription import gap_summary, report
 
     settings = _settings(args)
     if settings is None:
         return EXIT_USAGE
-    try:
-        store = open_store(settings.database(), upgrade=False)
-    except DownloaderError as exc:
-        print(f"downloader-service: {exc}", file=sys.stderr)
+    store = _open_store(settings, upgrade=False)
+    if store is None:
         return EXIT_ERROR
     try:
         if args.action == "status":

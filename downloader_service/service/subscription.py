@@ -592,6 +592,9 @@ class SubscriptionGuard:
         except (NotificationsError, StoreError) as exc:
             self._problem(exc)
             return None
+        except Exception:  # noqa: BLE001 - an answer we did not expect must not end the guard
+            LOGGER.exception("subscription check crashed; trying again at the next check")
+            return None
         self._synced = True
         if self._last_problem is not None:
             LOGGER.info("subscription check works again", extra={"subscription": outcome.subscription.uuid})
