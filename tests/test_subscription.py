@@ -312,3 +312,18 @@ def test_the_page_shows_each_open_gap_with_its_replay_command(make_client: MakeC
     assert ready["gaps"][0]["id"] == "g1" and ready["state"] == "unknown"  # no guard has checked
     metrics = guarded.get("/metrics").get_data(as_text=True)
     assert "downloader_subscription_gaps 1.0" in metrics and "downloader_subscription_enabled 0.0" in metrics
+
+
+def test_the_guard_outlives_an_answer_it_did_not_expect(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from downloader_service.service.subscription import NotificationsClient, SubscriptionGuard
+
+    class Odd(NotificationsClient):
+        def subscriptions(self) -> list[Any]:
+            raise KeyError("uuid")  # what Subscription.from_doc meets in a document without one
+
+    settings = settings_from_env(_env())
+    guard = SubscriptionGuard(settings, store, "me", client=Odd("http://n", "u"))
+    assert guard.check() is None and guard.check() is None  # no exception, checked again
+    assert "subscription check crashed" in caplog.text
