@@ -13,6 +13,7 @@ import threading
 
 import cherrypy
 import requests
+from cherrypy.process.plugins import Monitor
 
 from .app import create_app, downloader_factory
 from .health import readiness, serve_health
@@ -22,9 +23,10 @@ from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import default_owner, open_store
 from .subscription import SubscriptionGuard
-from .worker import Worker, prepare_root
+from .worker import Worker, prepare_root, release_free_memory
 
 LOGGER = logging.getLogger(__name__)
+TRIM_SECONDS = 20.0
 
 
 def serve(settings: Settings) -> None:
@@ -62,6 +64,9 @@ def serve(settings: Settings) -> None:
     cherrypy.engine.subscribe("stop", app.service.stopping.set, priority=10)
     # ... and downloads get their grace after the HTTP server has stopped taking requests.
     cherrypy.engine.subscribe("stop", lambda: app.service.close(settings.shutdown_grace), priority=90)
+    if app.service.worker is None:
+        # An intake-only replica has no heartbeat to give freed C heap back (see the worker's).
+        Monitor(cherrypy.engine, release_free_memory, frequency=TRIM_SECONDS, name="trim").subscribe()
     if settings.notifications_url:
         worker = app.service.worker
         guard = SubscriptionGuard(settings, app.service.store, worker.owner if worker else default_owner())
