@@ -94,6 +94,10 @@ def test_check_same_origin_lets_the_page_and_non_browsers_through() -> None:
     check_same_origin("POST", {}, own)  # curl, the CLI, Notifications: no browser headers
     check_same_origin("POST", {"Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "same-origin"}, own)
     check_same_origin("DELETE", {"Origin": "http://127.0.0.1"}, "http://127.0.0.1:80")
+    # Behind a TLS proxy without DOWNLOADER_PUBLIC_URL: the same host, another scheme and port.
+    check_same_origin(
+        "POST", {"Origin": "https://ops.example", "Sec-Fetch-Site": "same-origin"}, "http://ops.example"
+    )
     check_same_origin("GET", {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}, own)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("192.0.2.7") and not is_loopback("")
