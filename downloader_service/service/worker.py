@@ -51,6 +51,8 @@ RETENTION_SWEEP_SECONDS = 60.0
 MAX_WORKER_DEATHS = 5
 # After the grace, how long a download stuck in a read may take to notice it must stop.
 STUCK_WAIT = 2.0
+# An idle worker trims the heap at most this often (a trim costs about a millisecond).
+TRIM_IDLE_SECONDS = 2.0
 
 DownloaderFactory = Callable[[DownloadProgress], Downloader]
 
@@ -147,6 +149,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._last_renewal = time.monotonic()
         self._last_sweep = 0.0
+        self._last_trim = 0.0
         # Delivers completion events (with a sink) and deletes finished attempts' carts.
         self.deliverer = Deliverer(store, settings, self.owner, self.retry, clock=clock)
 
@@ -226,8 +229,21 @@ class Worker:
                 self._stopping.wait(self.settings.poll_interval * 4)
                 continue
             if ran is None:
+                self._trim_when_idle()
                 self._wakeup.wait(self.settings.poll_interval)
                 self._wakeup.clear()
+
+    def _trim_when_idle(self) -> None:
+        """Nothing to do: give freed heap back now (at most every :data:`TRIM_IDLE_SECONDS`).
+
+        What a process holds at rest is then what it needs, not what its last burst left.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._active or now - self._last_trim < TRIM_IDLE_SECONDS:
+                return
+            self._last_trim = now
+        release_free_memory()
 
     def run_once(self) -> Job | None:
         """Claim one due job and run it to its end here; the job as it ended, or None."""
