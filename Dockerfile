@@ -1,6 +1,7 @@
 # The Pacifica downloader webhook service.
 # Build: docker build -t pacifica/downloader-service .
-# Run:   docker run -p 8080:8080 -e CARTD_URL=http://cartd:8081 pacifica/downloader-service
+# Run:   docker run -p 8080:8080 -e CARTD_URL=http://cartd:8081 \
+#            -v downloads:/data -v state:/state pacifica/downloader-service
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -17,8 +18,10 @@ RUN pip install . \
     && mkdir -p /data /state \
     && chown downloader /data /state
 
-# In a container the service listens on every interface; downloads go to the /data volume,
-# the job store (SQLite unless DOWNLOADER_DATABASE_URL names PostgreSQL) to the /state volume.
+# In a container the service listens on every interface; downloads go to /data, the job
+# store (SQLite unless DOWNLOADER_DATABASE_URL names PostgreSQL) to /state: mount volumes
+# there. No VOLUME instruction: it would give every container (the compose file's workers and
+# one-shot `subscribe` too) anonymous volumes that `down -v` of podman-compose leaves behind.
 ENV DOWNLOADER_HOST=0.0.0.0 \
     DOWNLOADER_PORT=8080 \
     DOWNLOADER_ROOT=/data \
@@ -27,7 +30,6 @@ ENV DOWNLOADER_HOST=0.0.0.0 \
 
 USER downloader
 WORKDIR /data
-VOLUME ["/data", "/state"]
 EXPOSE 8080
 
 # Liveness, not readiness: a container whose Cartd is away is not broken, and restarting it

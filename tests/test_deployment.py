@@ -409,3 +409,81 @@ def test_compose_subscribe_creates_then_reenables_one_subscription(
         stack.wait_for(lambda: third in receiver.event_ids)
     finally:
         stack.unsubscribe(created["uuid"], user)
+
+
+# ------------------------------------------------------------------ what the compose loop found
+def _seconds(duration: str) -> float:
+    """A Compose duration (the parser's canonical ``10s``, ``1m30s``) in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+
+
+def test_compose_stop_grace_outlasts_the_services_own_shutdown_grace(model: dict[str, Any]) -> None:
+    # Compose's default stop timeout is 10 s: a service that wants longer than its grace
+    # period to stop is SIGKILLed mid-shutdown. The service's grace plus time to hand its jobs
+    # back must fit in the orchestrator's.
+    for name in ("downloader", "worker"):
+        service = model["services"][name]
+        grace = settings_from_env(
+            {k: unescaped(str(v)) for k, v in service["environment"].items()}
+        ).shutdown_grace
+        assert _seconds(service["stop_grace_period"]) >= grace + 3, (
+            name,
+            service["stop_grace_period"],
+            grace,
+        )
+
+
+def test_compose_runs_shell_and_python_entrypoints_under_an_init(model: dict[str, Any]) -> None:
+    # Pacifica's entrypoints are bash scripts that run uwsgi/Celery as a child, and the Policy
+    # stand-in is `python3 -c`: as PID 1 neither acts on SIGTERM, so without an init every stop
+    # waits the whole timeout and ends in SIGKILL (scripts/test-compose measured it).
+    for name, service in model["services"].items():
+        if service.get("image", "").startswith(("pacifica/", "python:")):
+            assert service.get("init") is True, name
+    # The downloader's own PID 1 is the console script, which handles SIGTERM itself.
+    assert "STOPSIGNAL" not in dict(dockerfile())
+
+
+def test_no_container_of_the_compose_file_gets_an_anonymous_volume(model: dict[str, Any]) -> None:
+    # podman-compose's `down -v` removes named volumes only: a VOLUME in an image that the
+    # compose file does not mount by name outlives every `down -v`.
+    assert "VOLUME" not in dict(dockerfile())
+    declared = {
+        "postgres": ["/var/lib/postgresql/data"],  # the official images' VOLUMEs, and the stand-ins'
+        "rabbitmq": ["/var/lib/rabbitmq"],
+    }
+    for image_dir, paths in declared.items():
+        recipe = (ROOT / "devstack" / "images" / image_dir / "Dockerfile").read_text()
+        assert re.findall(r'^VOLUME \["([^"]+)"\]', recipe, re.M) == paths, image_dir
+    for name, service in model["services"].items():
+        family = service.get("image", "").split(":")[0]
+        for path in declared.get(family, []):
+            mounts = {m["target"]: m for m in service.get("volumes", [])}
+            assert mounts.get(path, {}).get("type") == "volume" and mounts[path].get("source"), (name, path)
+
+
+def test_compose_images_override_swaps_only_images(tmp_path: Path) -> None:
+    from devstack.compose_override import MissingStandIn, override
+
+    text = COMPOSE_FILE.read_text()
+    stand_in = {
+        image: f"localhost/stand-in/{image.replace(':', '_')}:1"
+        for image in re.findall(r"^    image: (\S+)$", text, re.M)
+    }
+    (tmp_path / "override.yml").write_text(override(text, stand_in, "localhost/ours:test"))
+    merged = run_compose(COMPOSE_FILE, "-f", str(tmp_path / "override.yml"), "config", "--format", "json")
+    assert merged.returncode == 0, merged.stderr
+    original = run_compose(COMPOSE_FILE, "config", "--format", "json")
+    before, after = json.loads(original.stdout), json.loads(merged.stdout)
+    for name, service in after["services"].items():
+        image = service.pop("image")
+        was = before["services"][name]
+        assert image == ("localhost/ours:test" if "build" in was else stand_in[was.pop("image")]), name
+        assert service == was, name
+    assert {k: v for k, v in after.items() if k != "services"} == {
+        k: v for k, v in before.items() if k != "services"
+    }
+    # A new image in the compose file without a stand-in is an error, not a pull at run time.
+    with pytest.raises(MissingStandIn, match="archiveinterface"):
+        override(text, {k: v for k, v in stand_in.items() if "archiveinterface" not in k}, "x")
