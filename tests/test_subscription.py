@@ -16,6 +16,7 @@ import pytest
 
 from devstack.notifications import PolicyStandIn
 from downloader_service.service.intake import Intake
+from downloader_service.service.jsonpath import compile_jsonpath, matches
 from downloader_service.service.metrics import ServiceMetrics
 from downloader_service.service.replay import Replayer, read_events
 from downloader_service.service.settings import Settings, settings_from_env
@@ -33,9 +34,7 @@ from downloader_service.service.subscription import (
     GUARD_NAME,
     _tz_offset,
     _window_start,
-    compile_jsonpath,
     desired,
-    matches,
     replay_command,
 )
 from tests.conftest import MakeClient

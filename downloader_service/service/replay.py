@@ -22,7 +22,7 @@ import requests
 from ..errors import DownloaderError, InvalidEventError, PolicyUnavailableError
 from .intake import Intake
 from .jobs import REJECTED
-from .subscription import compile_jsonpath, matches
+from .jsonpath import compile_jsonpath, matches
 from .webhook import parse_request
 
 LOGGER = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from ..cartapi import (
     DEFAULT_READ_TIMEOUT,
 )
 from ..downloader import DEFAULT_BUNDLE_THRESHOLD, DEFAULT_TIMEOUT_PER_FILE, DEFAULT_TIMEOUT_RATE
+from .jsonpath import compile_jsonpath
 from .layout import DEFAULT_LAYOUT, check_layout
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -614,8 +615,6 @@ def _check_subscription(settings: Settings) -> None:
         raise ValueError("DOWNLOADER_SUBSCRIPTION_NAME must not be empty")
     if not settings.subscription_check > 0:
         raise ValueError("DOWNLOADER_SUBSCRIPTION_CHECK must be above 0 seconds")
-    from .subscription import compile_jsonpath  # jsonpath2 is imported only where it is used
-
     compile_jsonpath(settings.subscription_jsonpath)
 
 

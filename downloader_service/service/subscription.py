@@ -24,7 +24,6 @@ keeps its event log): the check is logged and tried again at the next interval.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import threading
@@ -71,29 +70,6 @@ class NotificationsRefusedError(NotificationsError):
     """Notifications (or a proxy before it) refused the request: wrong user or credentials."""
 
     retryable = False
-
-
-def compile_jsonpath(rule: str) -> Any:
-    """``rule`` parsed by jsonpath2, the library Notifications matches subscriptions with.
-
-    A rule it cannot parse raises ``ValueError`` naming it (antlr's own report on stderr is
-    swallowed: the message says it all).
-    """
-    from jsonpath2.path import Path
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            return Path.parse_str(rule)
-    except Exception as exc:  # noqa: BLE001 - antlr raises what it likes for a bad rule
-        raise ValueError(f"DOWNLOADER_SUBSCRIPTION_JSONPATH {rule!r} is not a JSONPath rule: {exc}") from None
-
-
-def matches(rule: Any, event: Any) -> bool:
-    """Whether Notifications would route ``event`` to a subscription with ``rule`` (its ``find``)."""
-    try:
-        return any(True for _ in rule.match(event))
-    except Exception:  # noqa: BLE001 - jsonpath2 fails on shapes it does not expect: no match
-        return False
 
 
 @dataclass(frozen=True)
