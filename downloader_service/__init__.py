@@ -28,11 +28,8 @@ from .errors import (
     LocalStorageError,
     MissingFileError,
     NoFilesError,
-    PayloadTooLargeError,
     PolicyUnavailableError,
-    ServiceBusyError,
     UnsafeArchiveError,
-    UnsupportedMediaTypeError,
 )
 from .progress import DownloadProgress
 from .transactioninfo import TransactionInfo
@@ -63,12 +60,9 @@ __all__ = [
     "LocalStorageError",
     "MissingFileError",
     "NoFilesError",
-    "PayloadTooLargeError",
     "PolicyUnavailableError",
-    "ServiceBusyError",
     "TransactionInfo",
     "UnsafeArchiveError",
-    "UnsupportedMediaTypeError",
     "__version__",
 ]
 

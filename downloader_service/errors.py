@@ -7,9 +7,7 @@ which turns it into an HTTP status) whether sending the same request again may s
     DownloaderError                      root; retryable = False unless noted
     ├── InvalidInputError (ValueError)   the caller's document is wrong; never retryable
     │   ├── InvalidEventError            a CloudEvent that cannot become a cart
-    │   │   ├── NoFilesError             ... because it names no files at all
-    │   │   ├── UnsupportedMediaTypeError  ... because it came in a media type we do not read
-    │   │   └── PayloadTooLargeError     ... because its body is over the limit
+    │   │   └── NoFilesError             ... because it names no files at all
     │   └── InvalidTransactionInfoError  a Policy transaction document, likewise
     ├── CartError                        talking to Cartd
     │   ├── CartFailedError              Cartd refused the cart or reported an error
@@ -25,8 +23,9 @@ which turns it into an HTTP status) whether sending the same request again may s
     │   └── LocalStorageError            the disk refused (full, permissions) (retryable, except
     │                                        when the destination itself is in the way: a symbolic
     │                                        link, a file where a directory must go or the reverse)
-    ├── PolicyUnavailableError           Pacifica Policy could not be asked   (retryable)
-    └── ServiceBusyError                 the webhook's workers are all taken  (retryable)
+    └── PolicyUnavailableError           Pacifica Policy could not be asked   (retryable)
+
+The webhook service adds its own HTTP-only errors below these (``service/errors.py``).
 
 An instance may say otherwise than its class (``LocalStorageError(..., retryable=False)``) where
 the cause, not the class, decides whether a retry can help.
@@ -96,14 +95,6 @@ class NoFilesError(InvalidEventError):
     """A CloudEvent (or transaction) is well formed but lists no files."""
 
 
-class UnsupportedMediaTypeError(InvalidEventError):
-    """An HTTP request's ``Content-Type`` is not a CloudEvents mode we read."""
-
-
-class PayloadTooLargeError(InvalidEventError):
-    """An HTTP request's body is larger than the configured limit."""
-
-
 class InvalidTransactionInfoError(InvalidInputError):
     """A Policy transaction-info document is malformed."""
 
@@ -168,12 +159,6 @@ class LocalStorageError(DownloadError):
     Retryable, except for the instances raised when the destination itself blocks the
     download (a symbolic link, a file where a directory must go): a retry would meet it again.
     """
-
-    retryable = True
-
-
-class ServiceBusyError(DownloaderError):
-    """The webhook service has no free worker or queue slot; try again after a pause."""
 
     retryable = True
 

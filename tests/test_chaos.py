@@ -30,7 +30,7 @@ import pytest
 import requests
 
 from devstack.postgres import PostgresServer
-from downloader_service.service.jobs import DONE
+from downloader_service.service.jobs import JobState
 from downloader_service.service.store import JobStore
 from tests.conftest import served, working
 from tests.events import file_obj, make_event
@@ -289,13 +289,13 @@ def test_chaos_kill_workers_while_replicas_take_duplicates(
                     answers.extend(sent)
             posted = time.monotonic() - started
             deadline = time.monotonic() + CHAOS_SECONDS + SETTLE_SECONDS
-            while killer.is_alive() and store.stats()["jobs"][DONE] < EVENTS:
+            while killer.is_alive() and store.stats()["jobs"][JobState.DONE] < EVENTS:
                 killer.join(0.2)
         finally:
             stop.set()
             killer.join(30)
         assert len(workers.alive()) == WORKER_PROCESSES
-        while store.stats()["jobs"][DONE] < EVENTS and time.monotonic() < deadline:
+        while store.stats()["jobs"][JobState.DONE] < EVENTS and time.monotonic() < deadline:
             time.sleep(0.2)
         settled = time.monotonic() - started
         jobs = all_jobs(store)
@@ -324,7 +324,9 @@ def test_chaos_kill_workers_while_replicas_take_duplicates(
     for job in jobs:
         states[job.state] = states.get(job.state, 0) + 1
     assert len(jobs) == EVENTS, states
-    assert states == {DONE: EVENTS}, [(j.event_id, j.state, j.error) for j in jobs if j.state != DONE]
+    assert states == {JobState.DONE: EVENTS}, [
+        (j.event_id, j.state, j.error) for j in jobs if j.state != JobState.DONE
+    ]
     job_of = {job.event_id: job for job in jobs}
     assert sorted(job_of) == sorted(event.event_id for event in events)
     assert all(job.source == SOURCE for job in jobs)

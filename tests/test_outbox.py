@@ -19,7 +19,7 @@ import pytest
 from downloader_service.service.events import CART_DELETE, Deliverer
 from downloader_service.service.retry import RetryPolicy
 from downloader_service.service.settings import Settings
-from downloader_service.service.store import PENDING, SENT, JobStore, Notice, open_store
+from downloader_service.service.store import DeliveryState, JobStore, Notice, open_store
 from tests.fakecartd import FakeCartd
 
 ids = itertools.count()
@@ -118,7 +118,10 @@ def test_a_redirecting_sink_is_not_followed_and_the_event_is_retried(
     delivery = _deliverer(store).deliver_once()
     assert delivery is not None
     [row] = store.deliveries()
-    assert (row.state, row.last_status) == (PENDING, 302)  # not "sent": a redirect delivers nothing
+    assert (row.state, row.last_status) == (
+        DeliveryState.PENDING,
+        302,
+    )  # not "sent": a redirect delivers nothing
     assert "redirect" in (row.last_error or "") and "/elsewhere" in (row.last_error or "")
     assert sink.hits == ["/redirect"]  # the GET a follow would make never happened
 
@@ -129,7 +132,7 @@ def test_an_endless_answer_is_read_no_further_than_a_few_kib(store: JobStore, si
     assert _deliverer(store).deliver_once() is not None
     assert time.monotonic() - started < 5
     [row] = store.deliveries()
-    assert row.state == SENT
+    assert row.state == DeliveryState.SENT
     assert sink.endless_bytes < 16 * 1024 * 1024  # the sink stopped when we hung up
 
 
@@ -147,7 +150,10 @@ def test_a_hanging_sink_holds_up_no_cart_deletion(
             assert time.monotonic() < deadline, "the cart was not deleted while the sink hung"
             time.sleep(0.05)
         states = {row.type: row.state for row in store.deliveries()}
-        assert states == {CART_DELETE: SENT, "org.pacifica.downloader.download.completed": PENDING}
+        assert states == {
+            CART_DELETE: DeliveryState.SENT,
+            "org.pacifica.downloader.download.completed": DeliveryState.PENDING,
+        }
     finally:
         sink.stop_hanging.set()
         deliverer.stop()
@@ -159,6 +165,6 @@ def test_deleting_a_job_keeps_the_deletion_of_its_cart_owed(store: JobStore, fak
     assert store.delete(job_id) is not None
     assert store.get(job_id) is None
     [row] = store.deliveries()
-    assert (row.type, row.state) == (CART_DELETE, PENDING)  # before: gone with the job
+    assert (row.type, row.state) == (CART_DELETE, DeliveryState.PENDING)  # before: gone with the job
     assert _deliverer(store).deliver_once() is not None
     assert fake_cartd.deleted == ["cart-2"]

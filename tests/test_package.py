@@ -50,3 +50,9 @@ def test_errors_carry_context_as_attributes() -> None:
 
 def test_package_is_typed() -> None:
     assert (Path(downloader_service.__file__).parent / "py.typed").exists()
+
+
+def test_service_only_errors_are_not_the_librarys_public_api() -> None:
+    for name in ("PayloadTooLargeError", "ServiceBusyError", "UnsupportedMediaTypeError"):
+        assert name not in downloader_service.__all__
+        assert not hasattr(downloader_service, name)

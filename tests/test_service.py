@@ -13,6 +13,8 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 from werkzeug.test import Client, TestResponse
 
+from downloader_service.errors import DownloaderError
+from downloader_service.service.jobs import ErrorKind
 from tests.conftest import MakeClient
 from tests.events import file_obj, make_event
 from tests.fakecartd import Cart, FakeCartd, Member, build_tar, cart_tar, closed_port, cut_after
@@ -775,3 +777,36 @@ def test_a_layout_with_a_format_spec_is_refused_at_start(layout: str) -> None:
 
     with pytest.raises(ValueError, match="DOWNLOADER_LAYOUT"):
         settings_from_env({"DOWNLOADER_LAYOUT": layout})
+
+
+def test_every_error_kind_has_an_http_status() -> None:
+    from downloader_service.service.app import KIND_STATUS, kind_status
+
+    assert set(KIND_STATUS) == set(ErrorKind)
+    assert all(400 <= status < 600 for status in KIND_STATUS.values())
+    assert kind_status("a kind an older version stored") == 500
+
+
+def test_every_error_class_has_a_kind_of_its_own() -> None:
+    # Each class of the tree (library and service) maps to a kind that says what it is; only
+    # the root and exceptions that are not ours are internal errors.
+    import inspect
+
+    import downloader_service.errors as library_errors
+    import downloader_service.service.errors as service_errors
+    from downloader_service.service.jobs import ERROR_KINDS, WorkerDiedError, error_kind
+
+    classes = {
+        cls
+        for module in (library_errors, service_errors)
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, DownloaderError)
+    } | {WorkerDiedError}
+    for cls in classes - {DownloaderError}:
+        assert error_kind(cls("x")) != ErrorKind.INTERNAL_ERROR, cls
+    assert error_kind(KeyError("x")) == ErrorKind.INTERNAL_ERROR
+    # Subclasses come before their bases, or the base would win.
+    for index, (cls, _) in enumerate(ERROR_KINDS):
+        assert not any(
+            issubclass(later, cls) and later is not cls for later, _ in ERROR_KINDS[index + 1 :]
+        ), cls

@@ -20,16 +20,7 @@ from downloader_service.service.jsonpath import compile_jsonpath, matches
 from downloader_service.service.metrics import ServiceMetrics
 from downloader_service.service.replay import Replayer, read_events
 from downloader_service.service.settings import Settings, settings_from_env
-from downloader_service.service.store import (
-    GAP_DISMISSED,
-    GAP_OPEN,
-    GAP_REPLAYED,
-    Gap,
-    JobStore,
-    default_owner,
-    open_store,
-    owner_is_dead,
-)
+from downloader_service.service.store import Gap, GapState, JobStore, default_owner, open_store, owner_is_dead
 from downloader_service.service.subscription import (
     GUARD_NAME,
     _tz_offset,
@@ -120,19 +111,19 @@ def test_guard_state_round_trips(store: JobStore) -> None:
 
 def test_open_gap_records_one_gap_per_subscription_and_disabled_time(store: JobStore) -> None:
     first, created = store.open_gap(_gap())
-    assert created and first.state == GAP_OPEN
+    assert created and first.state == GapState.OPEN
     again, created = store.open_gap(_gap(id="g2", error="later"))
     assert not created and again.id == "g1"
     store.gap_closed_by_enable("g1", "2026-12-07T10:01:00", "2026-12-07 10:02:00")
     store.gap_closed_by_enable("g1", "2026-12-07T11:00:00", "2026-12-07 11:01:00")  # the first end stays
     [gap] = store.gaps()
     assert (gap.enabled_at, gap.window_end) == ("2026-12-07T10:01:00", "2026-12-07 10:02:00")
-    assert store.close_gap("g1", GAP_REPLAYED, "5 new").state == GAP_REPLAYED  # type: ignore[union-attr]
-    assert store.close_gap("g1", GAP_DISMISSED) is not None
-    assert store.gaps() == [] and store.gaps(None)[0].state == GAP_REPLAYED  # closed once
-    assert store.close_gap("nope", GAP_DISMISSED) is None
+    assert store.close_gap("g1", GapState.REPLAYED, "5 new").state == GapState.REPLAYED  # type: ignore[union-attr]
+    assert store.close_gap("g1", GapState.DISMISSED) is not None
+    assert store.gaps() == [] and store.gaps(None)[0].state == GapState.REPLAYED  # closed once
+    assert store.close_gap("nope", GapState.DISMISSED) is None
     with pytest.raises(ValueError, match="replayed or dismissed"):
-        store.close_gap("g1", GAP_OPEN)
+        store.close_gap("g1", GapState.OPEN)
 
 
 # ------------------------------------------------------------------------------ the clock

@@ -8,7 +8,7 @@ from cloudevents.core.bindings.http import to_binary_event, to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
 from downloader_service import InvalidEventError
-from downloader_service.errors import UnsupportedMediaTypeError
+from downloader_service.service.errors import UnsupportedMediaTypeError
 from downloader_service.service.webhook import MAX_JSON_DEPTH, json_depth, parse_request
 from tests.events import file_obj, make_event
 

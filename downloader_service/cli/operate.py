@@ -304,9 +304,9 @@ def _import(args: argparse.Namespace, settings: Settings, store: Any) -> int:
     from ..service.intake import Intake
     from ..service.metrics import ServiceMetrics
     from ..service.replay import Replayer, read_events
-    from ..service.store import GAP_OPEN, GAP_REPLAYED
+    from ..service.store import GapState
 
-    gaps = {gap.id: gap for gap in store.gaps(GAP_OPEN)}
+    gaps = {gap.id: gap for gap in store.gaps(GapState.OPEN)}
     unknown = [gap_id for gap_id in args.gap if gap_id not in gaps]
     if unknown:
         print(f"downloader-service: no open gap {unknown[0]!r}", file=sys.stderr)
@@ -344,7 +344,7 @@ def _import(args: argparse.Namespace, settings: Settings, store: Any) -> int:
         if window is not None:
             covered |= {gap.id for gap in gaps.values() if _inside(gap, window)}
         note = f"jobs import: {result.line()}"
-        replayed = [gap_id for gap_id in sorted(covered) if store.close_gap(gap_id, GAP_REPLAYED, note)]
+        replayed = [gap_id for gap_id in sorted(covered) if store.close_gap(gap_id, GapState.REPLAYED, note)]
     if args.json:
         print(json.dumps({**result.as_json(), "gaps_replayed": replayed}))
     else:
@@ -427,7 +427,7 @@ def _subscribe(args: argparse.Namespace) -> int:
 
 
 def _subscription(args: argparse.Namespace) -> int:
-    from ..service.store import GAP_DISMISSED
+    from ..service.store import GapState
     from ..service.subscription import gap_summary, report
 
     settings = _settings(args)
@@ -440,7 +440,7 @@ def _subscription(args: argparse.Namespace) -> int:
         if args.action == "status":
             print(json.dumps(report(settings, store), indent=2, ensure_ascii=False))
             return EXIT_OK
-        gap = store.close_gap(args.gap_id, GAP_DISMISSED, args.note or "dismissed by an operator")
+        gap = store.close_gap(args.gap_id, GapState.DISMISSED, args.note or "dismissed by an operator")
         if gap is None:
             print(f"downloader-service: no gap {args.gap_id!r}", file=sys.stderr)
             return EXIT_NOT_FOUND

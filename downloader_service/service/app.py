@@ -14,24 +14,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import cherrypy
 import requests
 
 from .. import __version__
 from ..downloader import Downloader
-from ..errors import (
-    DownloaderError,
-    PayloadTooLargeError,
-)
+from ..errors import DownloaderError
 from ..progress import DownloadProgress
 from . import page, subscription
 from .auth import Access, Denied, check_same_origin
+from .errors import PayloadTooLargeError
 from .events import CART_DELETE
 from .health import public_report, readiness
 from .intake import Intake
-from .jobs import DONE, FAILED, QUEUED, RUNNING, Job, JobError, error_kind
+from .jobs import ErrorKind, Job, JobError, JobState, error_kind
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -42,24 +40,29 @@ from .worker import Worker, prepare_root, remove_download
 LOGGER = logging.getLogger(__name__)
 
 # Error kind -> HTTP status. 4xx: sending the same request again cannot help; 429/5xx: it may.
-KIND_STATUS: dict[str, int] = {
-    "unsupported_media_type": 415,
-    "payload_too_large": 413,
-    "no_files": 400,
-    "invalid_event": 400,
-    "busy": 429,
-    "cart_timeout": 504,
-    "cart_gone": 502,
-    "cart_failed": 502,
-    "cartd_unavailable": 502,
-    "unsafe_archive": 502,
-    "integrity": 502,
-    "download_interrupted": 502,
-    "storage": 503,
-    "download_failed": 502,
-    "store_unavailable": 503,
-    "worker_died": 500,
-    "internal_error": 500,
+# What each error kind answers: 4xx when the request itself is at fault (sending it again
+# cannot help), 429/503 when waiting can, 502/504 when Cartd or the download failed. Every
+# ErrorKind has one (tests/test_service.py checks): none becomes a 500 by accident.
+KIND_STATUS: Final[dict[ErrorKind, int]] = {
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorKind.PAYLOAD_TOO_LARGE: 413,
+    ErrorKind.NO_FILES: 400,
+    ErrorKind.INVALID_EVENT: 400,
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.BUSY: 429,
+    ErrorKind.CART_TIMEOUT: 504,
+    ErrorKind.CART_GONE: 502,
+    ErrorKind.CART_FAILED: 502,
+    ErrorKind.CARTD_UNAVAILABLE: 502,
+    ErrorKind.UNSAFE_ARCHIVE: 502,
+    ErrorKind.INTEGRITY: 502,
+    ErrorKind.DOWNLOAD_INTERRUPTED: 502,
+    ErrorKind.STORAGE: 503,
+    ErrorKind.DOWNLOAD_FAILED: 502,
+    ErrorKind.POLICY_UNAVAILABLE: 502,
+    ErrorKind.STORE_UNAVAILABLE: 503,
+    ErrorKind.WORKER_DIED: 500,
+    ErrorKind.INTERNAL_ERROR: 500,
 }
 JSON_TYPE = "application/json"
 LIST_LIMIT_MAX = 500
@@ -72,8 +75,16 @@ class HTTPError(Denied):
 
 def error_status(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and error kind that tell a sender what ``exc`` means for a retry."""
-    kind = "store_unavailable" if isinstance(exc, StoreError) else error_kind(exc)
-    return KIND_STATUS.get(kind, 500), kind
+    kind = ErrorKind.STORE_UNAVAILABLE if isinstance(exc, StoreError) else error_kind(exc)
+    return KIND_STATUS[kind], kind
+
+
+def kind_status(kind: str) -> int:
+    """The status of a kind read back from the store (500 for one this version does not know)."""
+    try:
+        return KIND_STATUS[ErrorKind(kind)]
+    except ValueError:
+        return 500
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
@@ -191,12 +202,12 @@ class Service:
             body["duplicate"] = True
         if job.conflicted:
             body["conflict"] = True
-        if job.state in (QUEUED, RUNNING):
+        if job.state in (JobState.QUEUED, JobState.RUNNING):
             return 202, body
-        if job.state == DONE:
+        if job.state == JobState.DONE:
             return 200, body
         if job.error is not None and self.settings.strict:
-            return KIND_STATUS.get(job.error.kind, 500), body
+            return kind_status(job.error.kind), body
         return 200, body
 
 
@@ -276,7 +287,7 @@ class Jobs:
         if action != "retry":
             raise HTTPError(404, "not_found", "POST /jobs/<id>/retry is the only action")
         job = self._job(job_id)
-        if job.state not in (FAILED, QUEUED):
+        if job.state not in (JobState.FAILED, JobState.QUEUED):
             raise HTTPError(
                 409, "conflict", f"job {job_id} is {job.state}; only failed or queued jobs are retried"
             )
@@ -291,7 +302,7 @@ class Jobs:
     def DELETE(self, job_id: str = "", **params: Any) -> dict[str, Any]:
         self.service.check_operator(params)
         job = self._job(job_id)
-        if job.state == RUNNING:
+        if job.state == JobState.RUNNING:
             raise HTTPError(409, "conflict", f"job {job_id} is running; delete it when it has ended")
         removed = remove_download(job, self.service.settings)
         self.service.store.delete(job_id)
@@ -356,7 +367,7 @@ class Health:
         try:
             report["subscription"] = subscription.report(self.service.settings, self.service.store)
         except StoreError as exc:
-            report["subscription"] = {"state": subscription.UNKNOWN, "reason": str(exc)}
+            report["subscription"] = {"state": subscription.SubscriptionState.UNKNOWN, "reason": str(exc)}
         if not ready:
             cherrypy.response.status = 503
             cherrypy.response.headers["Retry-After"] = str(self.service.settings.retry_after)

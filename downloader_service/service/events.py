@@ -20,21 +20,28 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 import requests
 from cloudevents.core.bindings.http import to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
-from .jobs import DONE, Job, JobError
+from .jobs import Job, JobError, JobState
 from .retry import RetryPolicy
 from .settings import Settings
 from .store import CART_DELETE_TYPE, Delivery, JobStore, Notice, StoreError
 
 LOGGER = logging.getLogger(__name__)
 
-COMPLETED: Final = "org.pacifica.downloader.download.completed"
-FAILED: Final = "org.pacifica.downloader.download.failed"
+
+class EventType(StrEnum):
+    """The completion events this service sends (``DOWNLOADER_EVENTS_URL``)."""
+
+    COMPLETED = "org.pacifica.downloader.download.completed"
+    FAILED = "org.pacifica.downloader.download.failed"
+
+
 # Not a CloudEvent: an outbox row whose delivery is DELETE <cart URL> on Cartd.
 CART_DELETE: Final = CART_DELETE_TYPE
 DEFAULT_SOURCE: Final = "/pacifica/downloader"
@@ -63,7 +70,7 @@ def completion_notice(
         "job_id": job.id,
         "event_id": job.event_id,
         "event_source": job.source,
-        "state": "failed" if error is not None else DONE,
+        "state": "failed" if error is not None else JobState.DONE,
         "attempts": job.attempts,
     }
     if error is None:
@@ -77,7 +84,7 @@ def completion_notice(
         "specversion": "1.0",
         "id": notice_id,
         "source": base or DEFAULT_SOURCE,
-        "type": FAILED if error is not None else COMPLETED,
+        "type": EventType.FAILED if error is not None else EventType.COMPLETED,
         # The event this one follows from: its id as the subject, its source as an extension.
         "subject": job.event_id,
         "eventsource": job.source,

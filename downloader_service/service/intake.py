@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..cloudevent import CloudEvent
-from ..errors import InvalidEventError, InvalidInputError, ServiceBusyError
-from .jobs import REJECTED, Job, JobError
+from ..errors import InvalidEventError, InvalidInputError
+from .errors import ServiceBusyError
+from .jobs import Job, JobError, JobState
 from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import JobStore, NewJob
@@ -59,7 +60,9 @@ class Intake:
         accepted = self.store.add(new_jobs)
         self.wake()
         for job, created in accepted:
-            outcome = "duplicate" if not created else ("rejected" if job.state == REJECTED else "accepted")
+            outcome = (
+                "duplicate" if not created else ("rejected" if job.state == JobState.REJECTED else "accepted")
+            )
             if job.conflicted:
                 # Answered 2xx all the same (Notifications would disable the subscription), but
                 # kept on the job, counted and said: new data under an old id is never fetched.
@@ -70,7 +73,7 @@ class Intake:
                 )
             self.metrics.events.labels(outcome=outcome).inc()
             extra = {"event_id": job.event_id, "job_id": job.id, "state": job.state, "duplicate": not created}
-            if created and job.state == REJECTED and job.error is not None:
+            if created and job.state == JobState.REJECTED and job.error is not None:
                 self.metrics.errors.labels(kind=job.error.kind).inc()
                 LOGGER.warning(
                     "event rejected", extra={**extra, "error": job.error.kind, "detail": job.error.detail}

@@ -17,10 +17,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 from ..cartfile import CartFile
 from ..errors import (
+    CartError,
     CartFailedError,
     CartGoneError,
     CartTimeoutError,
@@ -30,52 +32,83 @@ from ..errors import (
     DownloadInterruptedError,
     IntegrityError,
     InvalidEventError,
+    InvalidInputError,
     LocalStorageError,
     NoFilesError,
-    PayloadTooLargeError,
-    ServiceBusyError,
+    PolicyUnavailableError,
     UnsafeArchiveError,
-    UnsupportedMediaTypeError,
 )
+from .errors import PayloadTooLargeError, ServiceBusyError, UnsupportedMediaTypeError
 
-QUEUED: Final = "queued"
-RUNNING: Final = "running"
-DONE: Final = "done"
-FAILED: Final = "failed"
-REJECTED: Final = "rejected"
-STATES: Final = (QUEUED, RUNNING, DONE, FAILED, REJECTED)
-FINISHED: Final = frozenset({DONE, FAILED, REJECTED})
+
+class JobState(StrEnum):
+    """Where a job is in its life (the diagram above); the store keeps the value."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+FINISHED: Final = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED})
 
 
 class WorkerDiedError(DownloaderError):
     """A job's attempts keep ending with their worker dead: no retry, an operator decides."""
 
 
-# Error class -> kind, the word logs, metrics, job records and answers use. The first match
-# wins, so subclasses come first.
-ERROR_KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
-    (UnsupportedMediaTypeError, "unsupported_media_type"),
-    (PayloadTooLargeError, "payload_too_large"),
-    (NoFilesError, "no_files"),
-    (InvalidEventError, "invalid_event"),
-    (ServiceBusyError, "busy"),
-    (WorkerDiedError, "worker_died"),
-    (CartTimeoutError, "cart_timeout"),
-    (CartGoneError, "cart_gone"),
-    (CartFailedError, "cart_failed"),
-    (CartUnavailableError, "cartd_unavailable"),
-    (UnsafeArchiveError, "unsafe_archive"),
-    (IntegrityError, "integrity"),
-    (DownloadInterruptedError, "download_interrupted"),
-    (LocalStorageError, "storage"),
-    (DownloadError, "download_failed"),
-    (DownloaderError, "internal_error"),
+class ErrorKind(StrEnum):
+    """What went wrong, in one word: logs, metrics, job records and answers use it."""
+
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    NO_FILES = "no_files"
+    INVALID_EVENT = "invalid_event"
+    INVALID_INPUT = "invalid_input"
+    BUSY = "busy"
+    WORKER_DIED = "worker_died"
+    CART_TIMEOUT = "cart_timeout"
+    CART_GONE = "cart_gone"
+    CART_FAILED = "cart_failed"
+    CARTD_UNAVAILABLE = "cartd_unavailable"
+    UNSAFE_ARCHIVE = "unsafe_archive"
+    INTEGRITY = "integrity"
+    DOWNLOAD_INTERRUPTED = "download_interrupted"
+    STORAGE = "storage"
+    DOWNLOAD_FAILED = "download_failed"
+    POLICY_UNAVAILABLE = "policy_unavailable"
+    STORE_UNAVAILABLE = "store_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+# Error class -> kind. The first match wins, so subclasses come first.
+ERROR_KINDS: Final[tuple[tuple[type[BaseException], ErrorKind], ...]] = (
+    (UnsupportedMediaTypeError, ErrorKind.UNSUPPORTED_MEDIA_TYPE),
+    (PayloadTooLargeError, ErrorKind.PAYLOAD_TOO_LARGE),
+    (NoFilesError, ErrorKind.NO_FILES),
+    (InvalidEventError, ErrorKind.INVALID_EVENT),
+    (InvalidInputError, ErrorKind.INVALID_INPUT),
+    (ServiceBusyError, ErrorKind.BUSY),
+    (WorkerDiedError, ErrorKind.WORKER_DIED),
+    (CartTimeoutError, ErrorKind.CART_TIMEOUT),
+    (CartGoneError, ErrorKind.CART_GONE),
+    (CartFailedError, ErrorKind.CART_FAILED),
+    (CartUnavailableError, ErrorKind.CARTD_UNAVAILABLE),
+    (CartError, ErrorKind.CART_FAILED),
+    (UnsafeArchiveError, ErrorKind.UNSAFE_ARCHIVE),
+    (IntegrityError, ErrorKind.INTEGRITY),
+    (DownloadInterruptedError, ErrorKind.DOWNLOAD_INTERRUPTED),
+    (LocalStorageError, ErrorKind.STORAGE),
+    (DownloadError, ErrorKind.DOWNLOAD_FAILED),
+    (PolicyUnavailableError, ErrorKind.POLICY_UNAVAILABLE),
+    (DownloaderError, ErrorKind.INTERNAL_ERROR),
 )
 
 
-def error_kind(exc: BaseException) -> str:
+def error_kind(exc: BaseException) -> ErrorKind:
     """The kind of an error, ``internal_error`` for anything not ours."""
-    return next((kind for cls, kind in ERROR_KINDS if isinstance(exc, cls)), "internal_error")
+    return next((kind for cls, kind in ERROR_KINDS if isinstance(exc, cls)), ErrorKind.INTERNAL_ERROR)
 
 
 @dataclass(frozen=True)
@@ -98,7 +131,7 @@ class JobError:
                 and isinstance(value, (str, int, float, bool))
             }
             return cls(error_kind(exc), str(exc), exc.retryable, context)
-        return cls("internal_error", f"{type(exc).__name__}: {exc}"[:2000], True, {})
+        return cls(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"[:2000], True, {})
 
     def body(self) -> dict[str, Any]:
         """The error as every JSON answer carries it: kind, detail, retryable, context."""
@@ -113,7 +146,7 @@ class Job:
     source: str
     event_id: str
     type: str
-    state: str
+    state: JobState
     attempts: int
     created_at: float
     updated_at: float
@@ -162,7 +195,7 @@ class Job:
             "created": _iso(self.created_at),
             "updated": _iso(self.updated_at),
         }
-        if self.state == QUEUED and self.attempts:
+        if self.state == JobState.QUEUED and self.attempts:
             body["next_attempt"] = _iso(self.run_at)
         if self.finished_at is not None:
             body["finished"] = _iso(self.finished_at)
@@ -191,7 +224,7 @@ class Job:
             error = self.error.body()
             # A job that ended badly carries its error flat, as every error answer does; one
             # waiting for a retry says what went wrong last time.
-            if self.state in (FAILED, REJECTED):
+            if self.state in (JobState.FAILED, JobState.REJECTED):
                 body.update(error)
             else:
                 body["last_error"] = error

@@ -25,8 +25,8 @@ from urllib.parse import urlencode
 import cherrypy
 
 from .. import __version__
-from .jobs import FAILED, QUEUED, RUNNING, STATES, Job
-from .store import GAP_OPEN, Gap, JobStore, StoreError
+from .jobs import Job, JobState
+from .store import Gap, GapState, JobStore, StoreError
 from .subscription import replay_command
 
 HTML_TYPE: Final = "text/html; charset=utf-8"
@@ -83,13 +83,13 @@ def render(store: JobStore, params: dict[str, Any], nonce: str, guarded: bool = 
     """The status and HTML of the page: gaps, counts by state, then the newest jobs (of ``?state=``)."""
     token = _param(params, "access_token")
     state = _param(params, "state")
-    if state and state not in STATES:
-        message = f"state must be one of {', '.join(STATES)}, not {state!r}"
+    if state and state not in tuple(JobState):
+        message = f"state must be one of {', '.join(tuple(JobState))}, not {state!r}"
         return 400, _document(nonce, f'<p class="error">{_text(message)}</p>', _nav({}, "", token))
     try:
         counts: dict[str, int] = store.stats()["jobs"]
         jobs = store.list_jobs(state or None, PAGE_SIZE)
-        gaps = store.gaps(GAP_OPEN) if guarded else []
+        gaps = store.gaps(GapState.OPEN) if guarded else []
     except StoreError as exc:
         message = f"the job store is unavailable: {exc}"
         return 503, _document(nonce, f'<p class="error">{_text(message)}</p>', "")
@@ -147,7 +147,7 @@ def _nav(counts: dict[str, int], current: str, token: str) -> str:
     """Links to every state's jobs, with their counts."""
     total = sum(counts.values())
     links = [_nav_link("all", total if counts else None, "", current, token)]
-    links += [_nav_link(state, counts.get(state), state, current, token) for state in STATES]
+    links += [_nav_link(state, counts.get(state), state, current, token) for state in tuple(JobState)]
     return f"<nav>{''.join(links)}</nav>"
 
 
@@ -202,7 +202,7 @@ def _outcome(job: Job, summary: dict[str, Any]) -> str:
         removed = " (removed)" if job.removed_at is not None else ""
         return f"<code>{_text(job.download_path)}</code>{removed}"
     if job.error is not None:
-        prefix = "last attempt: " if job.state == QUEUED else ""
+        prefix = "last attempt: " if job.state == JobState.QUEUED else ""
         when = f" (next attempt {summary['next_attempt']})" if "next_attempt" in summary else ""
         detail = job.error.detail
         return (
@@ -216,9 +216,9 @@ def _actions(job: Job, token: str) -> str:
     """A link to the job's JSON; Retry for failed jobs; Delete for all but running ones."""
     path = f"jobs/{job.id}"
     parts = [f'<a href="{_text(_href(path, token))}">JSON</a>']
-    if job.state == FAILED:
+    if job.state == JobState.FAILED:
         parts.append(_button("Retry", "POST", f"{path}/retry", ""))
-    if job.state != RUNNING:
+    if job.state != JobState.RUNNING:
         confirm = f"Delete job {job.id} and its download?"
         parts.append(_button("Delete", "DELETE", path, confirm))
     return " ".join(parts)

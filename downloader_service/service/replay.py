@@ -21,7 +21,7 @@ import requests
 
 from ..errors import DownloaderError, InvalidEventError, PolicyUnavailableError
 from .intake import Intake
-from .jobs import REJECTED
+from .jobs import JobState
 from .jsonpath import compile_jsonpath, matches
 from .webhook import parse_request
 
@@ -201,7 +201,7 @@ class Replayer:
             return
         if not created:
             result.known += 1
-        elif job.state == REJECTED:
+        elif job.state == JobState.REJECTED:
             result.rejected += 1
             detail = job.error.detail if job.error is not None else ""
             result.problems.append(f"{logged.where}: event {job.event_id!r} rejected: {detail}")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import DownloaderError, HashMismatchError
+from .jobs import ErrorKind
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class RetryPolicy:
     def worth_retrying(error: BaseException, previous_kind: str | None = None) -> bool:
         """Whether another attempt can succeed where this one failed."""
         if isinstance(error, HashMismatchError):
-            return previous_kind != "integrity"
+            return previous_kind != ErrorKind.INTEGRITY
         if isinstance(error, DownloaderError):
             return error.retryable
         # Anything else is our own bug or an environment problem (database, memory): retry.

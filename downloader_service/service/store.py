@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,7 +60,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError
-from .jobs import DONE, FAILED, QUEUED, REJECTED, RUNNING, STATES, Job, JobError, dumps
+from .jobs import Job, JobError, JobState, dumps
 
 LOGGER = logging.getLogger(__name__)
 
@@ -139,7 +140,16 @@ outbox = Table(
     Column("last_error", Text),
     Index("ix_outbox_state_run_at", "state", "run_at"),
 )
-PENDING, SENT = "pending", "sent"
+
+
+class DeliveryState(StrEnum):
+    """An outbox row: still to be sent (or retried), sent, or given up on."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
 # The outbox row type of a cart deletion (events.CART_DELETE; named here, the store imports no events).
 CART_DELETE_TYPE: Final = "cartd.delete"
 
@@ -177,7 +187,14 @@ subscription_gaps = Table(
     UniqueConstraint("subscription", "disabled_at", name="uq_gaps_subscription_disabled_at"),
     Index("ix_gaps_state", "state"),
 )
-GAP_OPEN, GAP_REPLAYED, GAP_DISMISSED = "open", "replayed", "dismissed"
+
+
+class GapState(StrEnum):
+    """A subscription gap: open until its window is replayed or an operator dismisses it."""
+
+    OPEN = "open"
+    REPLAYED = "replayed"
+    DISMISSED = "dismissed"
 
 
 @dataclass(frozen=True)
@@ -193,7 +210,7 @@ class Gap:
     enabled_at: str | None = None
     window_end: str | None = None
     error: str | None = None
-    state: str = GAP_OPEN
+    state: GapState = GapState.OPEN
     recorded_at: float = 0.0
     closed_at: float | None = None
     note: str | None = None
@@ -218,7 +235,7 @@ class Delivery:
     type: str
     sink: str
     event: Mapping[str, Any]
-    state: str
+    state: DeliveryState
     attempts: int
     created_at: float
     last_status: int | None = None
@@ -263,7 +280,7 @@ class NewJob:
 
     @property
     def state(self) -> str:
-        return REJECTED if self.error is not None else QUEUED
+        return JobState.REJECTED if self.error is not None else JobState.QUEUED
 
 
 def engine_url(url: str) -> str:
@@ -390,7 +407,11 @@ class JobStore:
                     .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
                 ).rowcount
                 existing = replace(_job(_select_one(conn, same, contents=False)), conflicted=bool(conflicted))
-                if existing.state == FAILED and existing.error is not None and existing.error.retryable:
+                if (
+                    existing.state == JobState.FAILED
+                    and existing.error is not None
+                    and existing.error.retryable
+                ):
                     _requeue(conn, existing.id, now)
                     answers.append((_job(_select_one(conn, jobs.c.id == existing.id, contents=False)), True))
                 else:
@@ -405,8 +426,8 @@ class JobStore:
         both would scan and sort every due row: 183 ms a claim with 100,000 queued).
         """
         now = self._lease_now()
-        orphaned = (jobs.c.state == RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
-        due = (jobs.c.state == QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
+        orphaned = (jobs.c.state == JobState.RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
+        due = (jobs.c.state == JobState.QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
         with self._write() as conn:
             for state, ready, order, died in (orphaned, due):
                 candidate = (
@@ -421,7 +442,7 @@ class JobStore:
                     update(jobs)
                     .where(jobs.c.id == candidate)
                     .values(
-                        state=RUNNING,
+                        state=JobState.RUNNING,
                         lease_owner=owner,
                         lease_expires=now + lease,
                         attempts=jobs.c.attempts + 1,
@@ -443,7 +464,7 @@ class JobStore:
         with self._write() as conn:
             rows = conn.execute(
                 update(jobs)
-                .where(jobs.c.id.in_(ids), jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                .where(jobs.c.id.in_(ids), jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
                 .values(lease_expires=now + lease)
                 .returning(jobs.c.id)
             ).all()
@@ -476,7 +497,7 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
-            state=DONE,
+            state=JobState.DONE,
             download_path=download_path,
             host=host,
             result=dumps(dict(result)),
@@ -507,7 +528,7 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
-            state=QUEUED,
+            state=JobState.QUEUED,
             run_at=run_at if delay is None else self._lease_now() + delay,
             attempt_path=None,
             cart_url=None,
@@ -523,7 +544,7 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
-            state=FAILED,
+            state=JobState.FAILED,
             finished_at=self.clock(),
             attempt_path=None,
             cart_url=None,
@@ -545,7 +566,7 @@ class JobStore:
             job_id,
             owner,
             notices,
-            state=QUEUED,
+            state=JobState.QUEUED,
             run_at=self._lease_now(),
             attempts=jobs.c.attempts - 1,
             lease_owner=None,
@@ -571,8 +592,8 @@ class JobStore:
         """Newest first, without their event and files; ``before`` (a job id) pages on past that job."""
         query = select(*_STATE_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if state is not None:
-            if state not in STATES:
-                raise ValueError(f"state must be one of {', '.join(STATES)}, not {state!r}")
+            if state not in tuple(JobState):
+                raise ValueError(f"state must be one of {', '.join(tuple(JobState))}, not {state!r}")
             query = query.where(jobs.c.state == state)
         with self._read() as conn:
             if before is not None:
@@ -598,7 +619,7 @@ class JobStore:
             row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
             if row is None:
                 return None
-            if row.state in (FAILED, QUEUED):
+            if row.state in (JobState.FAILED, JobState.QUEUED):
                 _requeue(conn, job_id, now)
             return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
 
@@ -609,7 +630,9 @@ class JobStore:
         it needs no job record, and forgetting it would leave a cart on Cartd for good.
         """
         with self._write() as conn:
-            conn.execute(delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != PENDING))
+            conn.execute(
+                delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
+            )
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -618,7 +641,7 @@ class JobStore:
         with self._read() as conn:
             rows = conn.execute(
                 select(*_STATE_COLUMNS)
-                .where(jobs.c.state == DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
+                .where(jobs.c.state == JobState.DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
                 .order_by(jobs.c.finished_at)
                 .limit(limit)
             )
@@ -654,17 +677,19 @@ class JobStore:
                 conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
             )
             oldest = conn.execute(
-                select(func.min(jobs.c.run_at)).where(jobs.c.state == QUEUED, jobs.c.run_at <= now)
+                select(func.min(jobs.c.run_at)).where(jobs.c.state == JobState.QUEUED, jobs.c.run_at <= now)
             ).scalar()
         return {
-            "jobs": {state: int(counts.get(state, 0)) for state in STATES},
+            "jobs": {state: int(counts.get(state, 0)) for state in tuple(JobState)},
             "oldest_due_seconds": 0.0 if oldest is None else max(0.0, now - float(oldest)),
         }
 
     def queued(self) -> int:
         """How many jobs wait (due or not)."""
         with self._read() as conn:
-            return int(conn.execute(select(func.count()).where(jobs.c.state == QUEUED)).scalar() or 0)
+            return int(
+                conn.execute(select(func.count()).where(jobs.c.state == JobState.QUEUED)).scalar() or 0
+            )
 
     def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers a write transaction."""
@@ -684,7 +709,7 @@ class JobStore:
         with self._write() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
                 .values(**values)
             )
             for notice in notices if result.rowcount else ():
@@ -695,7 +720,7 @@ class JobStore:
                         type=notice.type,
                         sink=notice.sink,
                         event=dumps(dict(notice.event)),
-                        state=PENDING,
+                        state=DeliveryState.PENDING,
                         attempts=0,
                         run_at=now,
                         created_at=now,
@@ -713,8 +738,12 @@ class JobStore:
         """
         now = self._lease_now()
         due = or_(
-            and_(outbox.c.state == PENDING, outbox.c.run_at <= now, outbox.c.lease_owner.is_(None)),
-            and_(outbox.c.state == PENDING, outbox.c.lease_expires < now),
+            and_(
+                outbox.c.state == DeliveryState.PENDING,
+                outbox.c.run_at <= now,
+                outbox.c.lease_owner.is_(None),
+            ),
+            and_(outbox.c.state == DeliveryState.PENDING, outbox.c.lease_expires < now),
         )
         if carts is not None:
             due = and_(
@@ -752,11 +781,11 @@ class JobStore:
         """
         values: dict[str, Any]
         if error is None:
-            state, values = SENT, {}
+            state, values = DeliveryState.SENT, {}
         elif retry_at is None:
-            state, values = FAILED, {}
+            state, values = DeliveryState.FAILED, {}
         else:
-            state, values = PENDING, {"run_at": retry_at}
+            state, values = DeliveryState.PENDING, {"run_at": retry_at}
         with self._write() as conn:
             result = conn.execute(
                 update(outbox)
@@ -861,7 +890,7 @@ class JobStore:
         """Record ``gap`` unless the same one (subscription, ``disabled_at``) is: ``(gap, created)``."""
         values = {
             **{name: getattr(gap, name) for name in _GAP_FIELDS},
-            "state": GAP_OPEN,
+            "state": GapState.OPEN,
             "recorded_at": self.clock(),
         }
         with self._write() as conn:
@@ -890,7 +919,7 @@ class JobStore:
                 .values(enabled_at=enabled_at, window_end=window_end)
             )
 
-    def gaps(self, state: str | None = GAP_OPEN) -> list[Gap]:
+    def gaps(self, state: GapState | None = GapState.OPEN) -> list[Gap]:
         """Gaps, oldest first; ``state=None`` for all of them."""
         query = select(subscription_gaps).order_by(subscription_gaps.c.recorded_at, subscription_gaps.c.id)
         if state is not None:
@@ -898,14 +927,14 @@ class JobStore:
         with self._read() as conn:
             return [_gap(row) for row in conn.execute(query)]
 
-    def close_gap(self, gap_id: str, state: str, note: str = "") -> Gap | None:
+    def close_gap(self, gap_id: str, state: GapState, note: str = "") -> Gap | None:
         """Mark an open gap ``replayed`` or ``dismissed``; the gap as it stands, None if unknown."""
-        if state not in (GAP_REPLAYED, GAP_DISMISSED):
+        if state not in (GapState.REPLAYED, GapState.DISMISSED):
             raise ValueError(f"a gap is closed as replayed or dismissed, not {state!r}")
         with self._write() as conn:
             conn.execute(
                 update(subscription_gaps)
-                .where(subscription_gaps.c.id == gap_id, subscription_gaps.c.state == GAP_OPEN)
+                .where(subscription_gaps.c.id == gap_id, subscription_gaps.c.state == GapState.OPEN)
                 .values(state=state, closed_at=self.clock(), note=note or None)
             )
             row = conn.execute(select(subscription_gaps).where(subscription_gaps.c.id == gap_id)).first()
@@ -1070,7 +1099,7 @@ def _requeue(conn: Connection, job_id: str, now: float) -> None:
     conn.execute(
         update(jobs)
         .where(jobs.c.id == job_id)
-        .values(state=QUEUED, run_at=now, retry_from=now, updated_at=now, finished_at=None)
+        .values(state=JobState.QUEUED, run_at=now, retry_from=now, updated_at=now, finished_at=None)
     )
 
 
@@ -1131,7 +1160,7 @@ def _job(row: Any) -> Job:
         source=row.source,
         event_id=row.event_id,
         type=row.type,
-        state=row.state,
+        state=JobState(row.state),
         attempts=row.attempts,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -1163,7 +1192,7 @@ def _delivery(row: Any) -> Delivery:
         type=row.type,
         sink=row.sink,
         event=json.loads(row.event),
-        state=row.state,
+        state=DeliveryState(row.state),
         attempts=row.attempts,
         created_at=row.created_at,
         last_status=row.last_status,
@@ -1185,7 +1214,8 @@ _GAP_FIELDS: Final = (
 
 
 def _gap(row: Any) -> Gap:
-    return Gap(**{column.name: getattr(row, column.name) for column in subscription_gaps.c})
+    values = {column.name: getattr(row, column.name) for column in subscription_gaps.c}
+    return Gap(**{**values, "state": GapState(values["state"])})
 
 
 def _short(exc: BaseException) -> str:

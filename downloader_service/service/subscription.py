@@ -34,13 +34,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Any, Final
 
 import requests
 
 from ..errors import DownloaderError
 from .settings import Settings
-from .store import GAP_OPEN, Gap, JobStore, StoreError, owner_is_dead
+from .store import Gap, GapState, JobStore, StoreError, owner_is_dead
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,7 +58,16 @@ NOTIFICATIONS_TIMEOUT: Final = (5.0, 30.0)
 _TIME_ZONE_STEP: Final = 900  # time zones are whole quarter hours from UTC
 
 # What a check saw, in the guard's state and in /health/ready.
-ENABLED, DISABLED, MISSING, UNKNOWN, OFF = "enabled", "disabled", "missing", "unknown", "off"
+
+
+class SubscriptionState(StrEnum):
+    """What the last check saw of the subscription (``off``: no Notifications URL is set)."""
+
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    MISSING = "missing"
+    UNKNOWN = "unknown"
+    OFF = "off"
 
 
 class NotificationsError(DownloaderError):
@@ -278,9 +288,17 @@ def ensure(
     if sync and (differs or state.get("tz_offset") is None):
         # Without "disabled" in the body a failure routed meanwhile keeps it disabled.
         current = client.update(current.uuid, {**want, "extensions": dict(current.extensions)})
-        _save(store, current, ENABLED, clock, state, tz_from=client.server_time, enabled_seen=seen_at)
+        _save(
+            store,
+            current,
+            SubscriptionState.ENABLED,
+            clock,
+            state,
+            tz_from=client.server_time,
+            enabled_seen=seen_at,
+        )
         return Outcome(current, "updated" if differs else "unchanged")
-    _save(store, current, ENABLED, clock, state, enabled_seen=seen_at)
+    _save(store, current, SubscriptionState.ENABLED, clock, state, enabled_seen=seen_at)
     return Outcome(current, "unchanged")
 
 
@@ -318,9 +336,17 @@ def _create(
                 "another process created the subscription at the same time: keeping the older one",
                 extra={"subscription": other.uuid, "deleted": created.uuid},
             )
-            _save(store, other, ENABLED, clock, state)
+            _save(store, other, SubscriptionState.ENABLED, clock, state)
             return Outcome(other, "unchanged")
-    _save(store, created, ENABLED, clock, state, tz_from=client.server_time, enabled_seen=client.server_time)
+    _save(
+        store,
+        created,
+        SubscriptionState.ENABLED,
+        clock,
+        state,
+        tz_from=client.server_time,
+        enabled_seen=client.server_time,
+    )
     if gap is not None:
         gap = _close_window(store, gap, created.updated or created.created)
         LOGGER.warning(
@@ -359,7 +385,15 @@ def _enable(
     enabled = client.update(
         current.uuid, {**want, "extensions": dict(current.extensions), "disabled": None, "error": None}
     )
-    _save(store, enabled, ENABLED, clock, state, tz_from=client.server_time, enabled_seen=client.server_time)
+    _save(
+        store,
+        enabled,
+        SubscriptionState.ENABLED,
+        clock,
+        state,
+        tz_from=client.server_time,
+        enabled_seen=client.server_time,
+    )
     gap = _close_window(store, gap, enabled.updated)
     LOGGER.warning(
         "subscription re-enabled: Notifications had disabled it, events routed meanwhile are missing",
@@ -408,7 +442,7 @@ def _save(
     }
     if tz_from is not None and sub.updated:
         new["tz_offset"] = _tz_offset(sub.updated, tz_from)
-    if enabled_seen is not None and seen == ENABLED:
+    if enabled_seen is not None and seen == SubscriptionState.ENABLED:
         new["last_enabled"] = enabled_seen
     store.save_guard_state(GUARD_NAME, new)
 
@@ -416,7 +450,9 @@ def _save(
 def record_unreachable(store: JobStore, exc: Exception, clock: Callable[[], float] = time.time) -> None:
     """A check that could not ask Notifications: the state is unknown, and why (not a gap)."""
     state = store.guard_state(GUARD_NAME)
-    store.save_guard_state(GUARD_NAME, {**state, "state": UNKNOWN, "checked_at": clock(), "reason": str(exc)})
+    store.save_guard_state(
+        GUARD_NAME, {**state, "state": SubscriptionState.UNKNOWN, "checked_at": clock(), "reason": str(exc)}
+    )
 
 
 # --------------------------------------------------------------------------- the clock
@@ -512,9 +548,9 @@ def report(settings: Settings, store: JobStore, clock: Callable[[], float] = tim
     holds an old check).
     """
     if not settings.notifications_url:
-        return {"state": OFF}
+        return {"state": SubscriptionState.OFF}
     state = store.guard_state(GUARD_NAME)
-    seen = state.get("state", UNKNOWN)
+    seen = state.get("state", SubscriptionState.UNKNOWN)
     checked = state.get("checked_at")
     body: dict[str, Any] = {
         "state": seen,
@@ -525,9 +561,9 @@ def report(settings: Settings, store: JobStore, clock: Callable[[], float] = tim
     if state.get("reason"):
         body["reason"] = state["reason"]
     if checked is None or clock() - float(checked) > 3 * settings.subscription_check + 5:
-        body["state"] = UNKNOWN
+        body["state"] = SubscriptionState.UNKNOWN
         body["reason"] = "no guard has checked the subscription lately"
-    body["gaps"] = [gap_summary(gap) for gap in store.gaps(GAP_OPEN)]
+    body["gaps"] = [gap_summary(gap) for gap in store.gaps(GapState.OPEN)]
     return body
 
 

@@ -21,7 +21,8 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary_event, from_
 from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValidationError
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
-from ..errors import InvalidEventError, UnsupportedMediaTypeError
+from ..errors import InvalidEventError
+from .errors import UnsupportedMediaTypeError
 
 STRUCTURED: Final = "application/cloudevents+json"
 BATCH: Final = "application/cloudevents-batch+json"

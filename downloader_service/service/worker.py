@@ -36,7 +36,7 @@ from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
 from .events import Deliverer, cart_deletion, completion_notice
-from .jobs import Job, JobError, WorkerDiedError
+from .jobs import ErrorKind, Job, JobError, WorkerDiedError
 from .layout import apply_umask, render, write_beside
 from .metrics import ServiceMetrics
 from .retry import RetryPolicy
@@ -359,7 +359,7 @@ class Worker:
         now = self.clock()
         delay = self.retry.delay(job.attempts, exc, now - job.retry_from, previous)
         extra = {**log, "error": error.kind, "detail": error.detail}
-        if error.kind == "internal_error":
+        if error.kind == ErrorKind.INTERNAL_ERROR:
             LOGGER.error("download crashed", exc_info=exc, extra=extra)
         if delay is None:
             notice = completion_notice(self.settings, job, error=error)
