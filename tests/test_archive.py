@@ -20,7 +20,8 @@ from downloader_service import (
     MissingFileError,
     UnsafeArchiveError,
 )
-from downloader_service.archive import MAX_HEADER_RECORD, _merge, extract_cart
+from downloader_service.archive import MAX_HEADER_RECORD, extract_cart
+from downloader_service.archive.commit import merge
 from downloader_service.progress import DownloadProgress
 from tests.fakecartd import Member, build_tar, sha1
 
@@ -441,7 +442,7 @@ def test_merge_undoes_every_move_when_one_fails(tmp_path: Path) -> None:
     # the plan finds no conflict; the second move fails (its staged file is gone) after the
     # first has made a backup, moved a file in and made a directory
     with pytest.raises(LocalStorageError, match="cannot put the cart into place"):
-        _merge(target, {"data/a/x.txt": staging / "x.txt", "data/new/y.txt": staging / "gone"})
+        merge(target, {"data/a/x.txt": staging / "x.txt", "data/new/y.txt": staging / "gone"})
     assert tree(target) == before
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["data", "data/a", "data/a/x.txt"]
     assert (staging / "x.txt").read_bytes() == b"new"
