@@ -292,8 +292,23 @@ def engine_url(url: str) -> str:
 
 
 class JobStore:
-    """Every database operation on jobs, and nothing else."""
+    """Every database operation on jobs, and nothing else.
 
+    Its sections, in this order::
+
+        set-up                the engine for the URL, and the clock leases are measured by
+        schema                upgrade (Alembic) or check it
+        intake                events become rows, a batch in one transaction
+        claim and lease       a worker takes a job, keeps it, and records how it ended
+        reads                 jobs for the API, the page, the CLI and health
+        operators             retry and delete
+        retention             finished downloads past their time
+        outbox                completion events and cart deletions on their way
+        subscription guard    its leased row and the gaps it records
+        plumbing              transactions, error translation, the SQLite file's identity
+    """
+
+    # ------------------------------------------------------------ set-up
     def __init__(
         self,
         url: str,
@@ -344,7 +359,7 @@ class JobStore:
             return func.extract("epoch", func.clock_timestamp())
         return self.clock()
 
-    # ------------------------------------------------------------------ schema
+    # ------------------------------------------------------------ schema
     def upgrade(self) -> str:
         """Bring the schema to the newest revision (idempotent, safe from many processes)."""
         from alembic import command
@@ -376,7 +391,7 @@ class JobStore:
             )
         return str(head)
 
-    # ------------------------------------------------------------------ intake
+    # ------------------------------------------------------------ intake
     def add(self, new_jobs: Sequence[NewJob]) -> list[tuple[Job, bool]]:
         """Insert the jobs in one transaction: ``(job, created)`` for each, in order.
 
@@ -418,7 +433,7 @@ class JobStore:
                     answers.append((existing, False))
         return answers
 
-    # ----------------------------------------------------------------- workers
+    # --------------------------------------------------- claim and lease
     def claim(self, owner: str, lease: float) -> Job | None:
         """Take a job whose worker's lease ran out, else the next job that is due.
 
@@ -574,7 +589,39 @@ class JobStore:
             **leftovers,
         )
 
-    # --------------------------------------------------------------- operators
+    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
+        """Update a running job only while ``owner`` still holds its lease.
+
+        ``notices`` go into the outbox in the same transaction (the transactional outbox): the
+        job's end and what must follow it (its completion event, deleting its cart) are
+        committed together or not at all.
+        """
+        now = self.clock()
+        values.setdefault("updated_at", now)
+        with self._write() as conn:
+            result = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
+                .values(**values)
+            )
+            for notice in notices if result.rowcount else ():
+                conn.execute(
+                    outbox.insert().values(
+                        id=notice.id,
+                        job_id=job_id,
+                        type=notice.type,
+                        sink=notice.sink,
+                        event=dumps(dict(notice.event)),
+                        state=DeliveryState.PENDING,
+                        attempts=0,
+                        run_at=now,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        return bool(result.rowcount)
+
+    # ------------------------------------------------------------- reads
     def get(self, job_id: str, contents: bool = True) -> Job | None:
         """The job with this id; with ``contents=False`` without its event and files."""
         with self._read() as conn:
@@ -607,55 +654,6 @@ class JobStore:
                     )
                 )
             return [_job(row) for row in conn.execute(query)]
-
-    def retry(self, job_id: str) -> Job | None:
-        """Queue a ``failed`` (or ``queued``) job at once, with a fresh retry window.
-
-        Returns the job as it now stands (unchanged if it was running, done or rejected),
-        without its event and files; ``None`` if there is no such job.
-        """
-        now = self.clock()
-        with self._write() as conn:
-            row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
-            if row is None:
-                return None
-            if row.state in (JobState.FAILED, JobState.QUEUED):
-                _requeue(conn, job_id, now)
-            return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
-
-    def delete(self, job_id: str) -> Job | None:
-        """Remove the job's record and its delivered outbox rows (the caller removes its files).
-
-        What the outbox still owes (a cart to delete on Cartd, an event still to send) stays:
-        it needs no job record, and forgetting it would leave a cart on Cartd for good.
-        """
-        with self._write() as conn:
-            conn.execute(
-                delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
-            )
-            row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
-        return None if row is None else _job(row)
-
-    def finished_before(self, when: float, limit: int = 100) -> list[Job]:
-        """Done jobs finished before ``when`` whose download is still on disk (retention)."""
-        with self._read() as conn:
-            rows = conn.execute(
-                select(*_STATE_COLUMNS)
-                .where(jobs.c.state == JobState.DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
-                .order_by(jobs.c.finished_at)
-                .limit(limit)
-            )
-            return [_job(row) for row in rows]
-
-    def mark_removed(self, job_id: str) -> bool:
-        """Record that a done job's download was removed (the record stays for duplicates)."""
-        with self._write() as conn:
-            result = conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(removed_at=self.clock(), updated_at=self.clock())
-            )
-        return bool(result.rowcount)
 
     def known_paths(self, paths: Sequence[str]) -> set[str]:
         """Which of ``paths`` a job names as its download or its current attempt."""
@@ -696,40 +694,58 @@ class JobStore:
         with self._write() as conn:
             conn.execute(select(1))
 
-    # ---------------------------------------------------------------- plumbing
-    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
-        """Update a running job only while ``owner`` still holds its lease.
+    # --------------------------------------------------------- operators
+    def retry(self, job_id: str) -> Job | None:
+        """Queue a ``failed`` (or ``queued``) job at once, with a fresh retry window.
 
-        ``notices`` go into the outbox in the same transaction (the transactional outbox): the
-        job's end and what must follow it (its completion event, deleting its cart) are
-        committed together or not at all.
+        Returns the job as it now stands (unchanged if it was running, done or rejected),
+        without its event and files; ``None`` if there is no such job.
         """
         now = self.clock()
-        values.setdefault("updated_at", now)
+        with self._write() as conn:
+            row = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id)).first()
+            if row is None:
+                return None
+            if row.state in (JobState.FAILED, JobState.QUEUED):
+                _requeue(conn, job_id, now)
+            return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
+
+    def delete(self, job_id: str) -> Job | None:
+        """Remove the job's record and its delivered outbox rows (the caller removes its files).
+
+        What the outbox still owes (a cart to delete on Cartd, an event still to send) stays:
+        it needs no job record, and forgetting it would leave a cart on Cartd for good.
+        """
+        with self._write() as conn:
+            conn.execute(
+                delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
+            )
+            row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
+        return None if row is None else _job(row)
+
+    # --------------------------------------------------------- retention
+    def finished_before(self, when: float, limit: int = 100) -> list[Job]:
+        """Done jobs finished before ``when`` whose download is still on disk (retention)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_STATE_COLUMNS)
+                .where(jobs.c.state == JobState.DONE, jobs.c.finished_at < when, jobs.c.removed_at.is_(None))
+                .order_by(jobs.c.finished_at)
+                .limit(limit)
+            )
+            return [_job(row) for row in rows]
+
+    def mark_removed(self, job_id: str) -> bool:
+        """Record that a done job's download was removed (the record stays for duplicates)."""
         with self._write() as conn:
             result = conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
-                .values(**values)
+                .where(jobs.c.id == job_id)
+                .values(removed_at=self.clock(), updated_at=self.clock())
             )
-            for notice in notices if result.rowcount else ():
-                conn.execute(
-                    outbox.insert().values(
-                        id=notice.id,
-                        job_id=job_id,
-                        type=notice.type,
-                        sink=notice.sink,
-                        event=dumps(dict(notice.event)),
-                        state=DeliveryState.PENDING,
-                        attempts=0,
-                        run_at=now,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
         return bool(result.rowcount)
 
-    # ----------------------------------------------------------------- outbox
+    # ------------------------------------------------------------ outbox
     def claim_delivery(self, owner: str, lease: float, carts: bool | None = None) -> Delivery | None:
         """Take the next due outbox row to deliver (or one whose deliverer died).
 
@@ -812,7 +828,7 @@ class JobStore:
         with self._read() as conn:
             return [_delivery(row) for row in conn.execute(query)]
 
-    # ----------------------------------------------------- subscription guard
+    # ------------------------------------------------ subscription guard
     def take_guard(self, name: str, owner: str, lease: float, dead: str | None = None) -> bool:
         """Take (or keep) the guard of ``name`` for ``lease`` seconds: True while ``owner`` holds it.
 
@@ -940,6 +956,28 @@ class JobStore:
             row = conn.execute(select(subscription_gaps).where(subscription_gaps.c.id == gap_id)).first()
         return None if row is None else _gap(row)
 
+    # ---------------------------------------------------------- plumbing
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        self._check_file()
+        with self._translated(), self.engine.connect() as conn:
+            conn = conn.execution_options(sqlite_immediate=True)
+            with conn.begin():
+                yield conn
+        self._note_file()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._translated(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except SQLAlchemyError as exc:
+            raise StoreError(f"the job store {self.describe()} failed: {_short(exc)}") from exc
+
     def _check_file(self) -> None:
         """Raise :class:`StoreError` if the SQLite file is gone or is another file now."""
         if self._file is None or self._identity is None:
@@ -962,27 +1000,6 @@ class JobStore:
             with contextlib.suppress(OSError):
                 info = os.stat(self._file)
                 self._identity = (info.st_dev, info.st_ino)
-
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        self._check_file()
-        with self._translated(), self.engine.connect() as conn:
-            conn = conn.execution_options(sqlite_immediate=True)
-            with conn.begin():
-                yield conn
-        self._note_file()
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._translated(), self.engine.connect() as conn, conn.begin():
-            yield conn
-
-    @contextmanager
-    def _translated(self) -> Iterator[None]:
-        try:
-            yield
-        except SQLAlchemyError as exc:
-            raise StoreError(f"the job store {self.describe()} failed: {_short(exc)}") from exc
 
 
 def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
