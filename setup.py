@@ -21,6 +21,7 @@ setup(
             "migrations/versions/*.py",
             "static/*.js",
             "static/*.css",
+            "templates/*.html",
         ],
     },
     install_requires=[
@@ -41,6 +42,9 @@ setup(
         # Replayed events are kept only if the subscription's JSONPath matches them exactly as
         # Notifications matches (it uses jsonpath2 0.4.x): the same library, not a look-alike.
         "jsonpath2>=0.4.5,<0.5",
+        # The jobs page is a Jinja2 template with autoescape on: escaping is the default for
+        # every value, not a call each f-string must remember.
+        "Jinja2>=3.1,<4",
     ],
     extras_require={
         "test": [

@@ -1,9 +1,10 @@
 """The jobs page: what a browser asking for ``GET /`` sees — recent jobs, with retry and delete.
 
-Plain HTML rendered here from the job store, and one small script (``static/page.js``) whose
-buttons call the job API (``POST /jobs/<id>/retry``, ``DELETE /jobs/<id>``) with ``fetch()``
-and reload. Event ids, sources and error details are hostile input: every value goes through
-:func:`html.escape`, the script reads only ``data-`` attributes and writes only text, and the
+HTML from a Jinja2 template (``templates/page.html``) filled from the job store, and one
+small script (``static/page.js``) whose buttons call the job API (``POST /jobs/<id>/retry``,
+``DELETE /jobs/<id>``) with ``fetch()`` and reload. Event ids, sources and error details are
+hostile input: the template escapes every value (autoescape on; only our own CSS and script
+are marked safe), the script reads only ``data-`` attributes and writes only text, and the
 Content-Security-Policy runs no script and applies no style but the page's own (a fresh nonce
 each answer) and lets it talk to nothing but this origin.
 
@@ -15,7 +16,6 @@ page keeps in its links and the script sends on as ``Authorization: Bearer``.
 from __future__ import annotations
 
 import functools
-import html
 import secrets
 import time
 from importlib import resources
@@ -23,6 +23,7 @@ from typing import Any, Final
 from urllib.parse import urlencode
 
 import cherrypy
+import jinja2
 
 from .. import __version__
 from .jobs import Job, JobState
@@ -85,151 +86,110 @@ def render(store: JobStore, params: dict[str, Any], nonce: str, guarded: bool = 
     state = _param(params, "state")
     if state and state not in tuple(JobState):
         message = f"state must be one of {', '.join(tuple(JobState))}, not {state!r}"
-        return 400, _document(nonce, f'<p class="error">{_text(message)}</p>', _nav({}, "", token))
+        return 400, _page(nonce, error=message, nav=_nav({}, "", token))
     try:
         counts: dict[str, int] = store.stats()["jobs"]
         jobs = store.list_jobs(state or None, PAGE_SIZE)
         gaps = store.gaps(GapState.OPEN) if guarded else []
     except StoreError as exc:
-        message = f"the job store is unavailable: {exc}"
-        return 503, _document(nonce, f'<p class="error">{_text(message)}</p>', "")
-    return 200, _document(nonce, _gaps(gaps) + _table(jobs, token, state), _nav(counts, state, token))
+        return 503, _page(nonce, error=f"the job store is unavailable: {exc}")
+    return 200, _page(
+        nonce,
+        nav=_nav(counts, state, token),
+        gaps=[_gap(gap) for gap in gaps],
+        jobs=[_row(job, token) for job in jobs],
+        state=state,
+    )
 
 
-def _gaps(gaps: list[Gap]) -> str:
+def _page(nonce: str, **values: Any) -> str:
+    """The template filled in: values are escaped by the template engine, not by hand."""
+    return _template().render(
+        nonce=nonce,
+        css=_asset("page.css"),
+        js=_asset("page.js"),
+        version=__version__,
+        page_size=PAGE_SIZE,
+        text_columns=_TEXT_COLUMNS,
+        number_columns=_NUMBER_COLUMNS,
+        **{"nav": None, "gaps": [], "jobs": None, "error": "", "state": "", **values},
+    )
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """``templates/page.html`` (package data), with autoescape on for every value."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(__package__, "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,  # a name the template misspells is an error, not ""
+    )
+    return env.get_template("page.html")
+
+
+def _gap(gap: Gap) -> dict[str, Any]:
     """A banner per open gap: when Notifications routed nothing here, and the line that replays it."""
-    if not gaps:
-        return ""
-    items = []
-    for gap in gaps:
-        until = f"until {gap.enabled_at}" if gap.enabled_at else "and is still off"
-        command = replay_command(gap)
-        replay = (
-            f'<pre class="replay"><code>{_text(command)}</code></pre>'
-            if command
-            else "<p>It is not routing here yet: the replay command appears once it is enabled again.</p>"
-        )
-        error = f" Notifications' error: <q>{_text(_short(gap.error))}</q>." if gap.error else ""
-        items.append(
-            f'<li id="gap-{_text(gap.id)}"><p>The subscription was <b>{_text(gap.kind)}</b> from '
-            f"{_text(gap.disabled_at)} {_text(until)} (Notifications' clock).{error} Events routed in "
-            f"that window did not arrive; replay them (events already here are not downloaded again):</p>"
-            f"{replay}<p>Or, to forget it: <code>downloader-service subscription dismiss "
-            f"{_text(gap.id)}</code></p></li>"
-        )
-    return f'<section class="gaps" role="alert"><h2>Missed events</h2><ul>{"".join(items)}</ul></section>'
+    return {
+        "id": gap.id,
+        "kind": gap.kind,
+        "disabled_at": gap.disabled_at,
+        "until": f"until {gap.enabled_at}" if gap.enabled_at else "and is still off",
+        "error": _short(gap.error) if gap.error else "",
+        "command": replay_command(gap),
+    }
 
 
-def _document(nonce: str, main: str, nav: str) -> str:
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="referrer" content="no-referrer">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Pacifica downloader: jobs</title>
-<style nonce="{nonce}">{_asset("page.css")}</style>
-</head>
-<body>
-<h1>Pacifica downloader: jobs</h1>
-{nav}
-<p id="status" role="status"></p>
-{main}
-<footer>pacifica-downloader-service {_text(__version__)}; times in UTC;
-the newest {PAGE_SIZE} jobs are shown (all of them: <code>GET /jobs</code>).</footer>
-<script nonce="{nonce}">{_asset("page.js")}</script>
-</body>
-</html>
-"""
-
-
-def _nav(counts: dict[str, int], current: str, token: str) -> str:
+def _nav(counts: dict[str, int], current: str, token: str) -> list[dict[str, Any]]:
     """Links to every state's jobs, with their counts."""
     total = sum(counts.values())
     links = [_nav_link("all", total if counts else None, "", current, token)]
     links += [_nav_link(state, counts.get(state), state, current, token) for state in tuple(JobState)]
-    return f"<nav>{''.join(links)}</nav>"
+    return links
 
 
-def _nav_link(label: str, count: int | None, state: str, current: str, token: str) -> str:
-    href = _href("", token, state=state)
+def _nav_link(label: str, count: int | None, state: str, current: str, token: str) -> dict[str, Any]:
     text = label if count is None else f"{label} ({count})"
-    mark = ' class="current" aria-current="page"' if state == current else ""
-    return f'<a href="{_text(href)}"{mark}>{_text(text)}</a>'
+    return {"href": _href("", token, state=state), "text": text, "current": state == current}
 
 
-def _table(jobs: list[Job], token: str, state: str) -> str:
-    if not jobs:
-        return f"<p>No {_text(state) + ' ' if state else ''}jobs.</p>"
-    head = "".join(f"<th>{name}</th>" for name in _TEXT_COLUMNS)
-    head += "".join(f'<th class="num">{name}</th>' for name in _NUMBER_COLUMNS)
-    head += "<th>download path or error</th><th>actions</th>"
-    rows = "\n".join(_row(job, token) for job in jobs)
-    return f'<table id="jobs">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>'
-
-
-def _row(job: Job, token: str) -> str:
-    """One job: every value escaped; the buttons carry only URLs the script calls."""
+def _row(job: Job, token: str) -> dict[str, Any]:
+    """One job's cells; the buttons carry only URLs the script calls."""
     summary = job.summary()
-    files = summary.get("files", summary.get("file_count"))
-    cells = [
-        f'<td class="state state-{_text(job.state)}">{_text(job.state)}</td>',
-        f'<td class="event">{_text(job.event_id)}{_conflicts(job)}</td>',
-        f'<td class="source">{_text(job.source)}</td>',
-        f'<td class="created">{_text(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.created_at)))}</td>',
-        f'<td class="num">{job.attempts}</td>',
-        f'<td class="num">{_number(files)}</td>',
-        f'<td class="num">{_number(summary.get("bytes"))}</td>',
-        f'<td class="num">{_seconds(summary.get("seconds"))}</td>',
-        f'<td class="outcome">{_outcome(job, summary)}</td>',
-        f'<td class="actions">{_actions(job, token)}</td>',
-    ]
-    return f'<tr id="job-{_text(job.id)}" data-state="{_text(job.state)}">{"".join(cells)}</tr>'
-
-
-def _conflicts(job: Job) -> str:
-    """A mark on an event whose id came again with another body (that body was not fetched)."""
-    if not job.conflicts:
-        return ""
-    title = "this source and id came again with another body, which was not downloaded"
-    return f' <span class="conflict" title="{_text(title)}">({job.conflicts} conflicting)</span>'
-
-
-def _outcome(job: Job, summary: dict[str, Any]) -> str:
-    """Where a done job's files are, or what went wrong (shortened; all of it in the title)."""
-    if job.download_path is not None:
-        # A job done on a retry still records the error of the attempt before.
-        removed = " (removed)" if job.removed_at is not None else ""
-        return f"<code>{_text(job.download_path)}</code>{removed}"
-    if job.error is not None:
-        prefix = "last attempt: " if job.state == JobState.QUEUED else ""
-        when = f" (next attempt {summary['next_attempt']})" if "next_attempt" in summary else ""
-        detail = job.error.detail
-        return (
-            f'<span class="error" title="{_text(detail)}">{_text(prefix)}<b>{_text(job.error.kind)}</b>: '
-            f"{_text(_short(detail))}{_text(when)}</span>"
-        )
-    return ""
-
-
-def _actions(job: Job, token: str) -> str:
-    """A link to the job's JSON; Retry for failed jobs; Delete for all but running ones."""
     path = f"jobs/{job.id}"
-    parts = [f'<a href="{_text(_href(path, token))}">JSON</a>']
-    if job.state == JobState.FAILED:
-        parts.append(_button("Retry", "POST", f"{path}/retry", ""))
-    if job.state != JobState.RUNNING:
-        confirm = f"Delete job {job.id} and its download?"
-        parts.append(_button("Delete", "DELETE", path, confirm))
-    return " ".join(parts)
+    return {
+        "id": job.id,
+        "state": job.state,
+        "event_id": job.event_id,
+        "conflicts": job.conflicts,
+        "source": job.source,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.created_at)),
+        "attempts": job.attempts,
+        "files": _number(summary.get("files", summary.get("file_count"))),
+        "bytes": _number(summary.get("bytes")),
+        "seconds": _seconds(summary.get("seconds")),
+        # A job done on a retry still records the error of the attempt before: the path wins.
+        "download_path": job.download_path,
+        "removed": job.removed_at is not None,
+        "error": _error(job, summary) if job.download_path is None else None,
+        "json_href": _href(path, token),
+        "retry_url": f"{path}/retry" if job.state == JobState.FAILED else "",
+        "delete_url": path if job.state != JobState.RUNNING else "",
+    }
 
 
-def _button(label: str, method: str, url: str, confirm: str) -> str:
-    ask = f' data-confirm="{_text(confirm)}"' if confirm else ""
-    return (
-        f'<button type="button" class="{label.lower()}" data-method="{method}" '
-        f'data-url="{_text(url)}"{ask}>{label}</button>'
-    )
+def _error(job: Job, summary: dict[str, Any]) -> dict[str, str] | None:
+    """What went wrong (shortened; all of it in the title)."""
+    if job.error is None:
+        return None
+    return {
+        "prefix": "last attempt: " if job.state == JobState.QUEUED else "",
+        "kind": job.error.kind,
+        "detail": job.error.detail,
+        "short": _short(job.error.detail),
+        "when": f" (next attempt {summary['next_attempt']})" if "next_attempt" in summary else "",
+    }
 
 
 def _href(path: str, token: str, **query: str) -> str:
@@ -243,10 +203,6 @@ def _href(path: str, token: str, **query: str) -> str:
 def _param(params: dict[str, Any], name: str) -> str:
     value = params.get(name, "")
     return value if isinstance(value, str) else ""
-
-
-def _text(value: object) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _short(text: str) -> str:
