@@ -43,6 +43,9 @@ setup(
         "jsonpath2>=0.4.5,<0.5",
     ],
     extras_require={
+        # pacifica-cli's `[authentication] type = gssapi` (Kerberos): optional, it needs the
+        # system's GSSAPI library; without it `download` says how to install it.
+        "gssapi": ["requests-gssapi>=1.3,<2"],
         "test": [
             "pytest==9.2.0",
             "ruff==0.17.6",

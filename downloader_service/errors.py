@@ -10,7 +10,8 @@ which turns it into an HTTP status) whether sending the same request again may s
     │   │   ├── NoFilesError             ... because it names no files at all
     │   │   ├── UnsupportedMediaTypeError  ... because it came in a media type we do not read
     │   │   └── PayloadTooLargeError     ... because its body is over the limit
-    │   └── InvalidTransactionInfoError  a Policy transaction document, likewise
+    │   ├── InvalidTransactionInfoError  a Policy transaction document, likewise
+    │   └── InvalidConfigError           a configuration (pacifica-cli's INI, a TLS file) is wrong
     ├── CartError                        talking to Cartd
     │   ├── CartFailedError              Cartd refused the cart or reported an error
     │   │   └── CartGoneError            Cartd no longer knows the cart (404)  (retryable)
@@ -106,6 +107,10 @@ class PayloadTooLargeError(InvalidEventError):
 
 class InvalidTransactionInfoError(InvalidInputError):
     """A Policy transaction-info document is malformed."""
+
+
+class InvalidConfigError(InvalidInputError):
+    """A configuration file or option cannot be used (an unknown auth type, an unloadable certificate)."""
 
 
 class CartError(DownloaderError):
