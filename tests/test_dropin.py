@@ -233,3 +233,18 @@ def test_dropin_distribution_matches_the_library() -> None:
     assert f"Version: {version}" in metadata
     assert "Requires: pacifica-downloader-service" in metadata
     assert json.dumps(pacifica.downloader.__file__).count("dropin") == 1
+
+
+def test_carts_are_forgotten_once_downloaded_or_failed(tmp_path: Path, cartd: FakeCartd) -> None:
+    downloader = Downloader(cart_api_url=cartd.url, poll_interval=0.01)
+    api = downloader.cart_api
+    assert isinstance(api, CartAPI)
+    event = make_event([file_obj(1100, "foo.txt", "", FOO)])
+    downloader.cloudevent(str(tmp_path / "one"), event)  # download() sets up a cart through cart_api
+    cart_url = api.setup_cart(dispatcher_files)
+    downloader._download_from_url(str(tmp_path / "two"), api.wait_for_cart(cart_url), "data")
+    cartd.head = lambda cart: (500, "error", "no such file")
+    with pytest.raises(CartFailedError):
+        api.wait_for_cart(api.setup_cart(dispatcher_files))
+    assert api.planned_files(cart_url) is None
+    assert not api._carts  # nothing held for carts that are done with

@@ -9,12 +9,15 @@ the POST's status, ``CartTimeoutError`` where it asserted after the last poll) i
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from downloader_service.cartapi import DEFAULT_CART_TIMEOUT
 from downloader_service.cartapi import CartAPI as _CartAPI
 from downloader_service.cartfile import CartdFile, CartFile, as_yield_files, validated_files
+from downloader_service.errors import DownloaderError
 
 __all__ = ["CartAPI"]
 
@@ -51,6 +54,7 @@ class CartAPI(_CartAPI):
         self.bundle = bool(extra_args.get("bundle", False))
         super().__init__(url, **kwargs)
         self._carts: OrderedDict[str, tuple[Sequence[CartFile], bool]] = OrderedDict()
+        self._carts_lock = threading.Lock()
 
     def setup_cart(self, yield_files: Any, bundle: bool | None = None, cart_url: str | None = None) -> str:
         """Create a cart and return its URL; ``yield_files`` is a generator function or an iterable.
@@ -63,14 +67,29 @@ class CartAPI(_CartAPI):
         files = validated_files(source)
         bundle = self.bundle if bundle is None else bundle
         url = super().setup_cart(as_yield_files(files), bundle=bundle, cart_url=cart_url)
-        self._carts[url] = (files, bundle)
-        while len(self._carts) > _REMEMBERED_CARTS:
-            self._carts.popitem(last=False)
+        with self._carts_lock:
+            self._carts[url] = (files, bundle)
+            while len(self._carts) > _REMEMBERED_CARTS:
+                self._carts.popitem(last=False)
         return url
+
+    def wait_for_cart(
+        self,
+        cart_url: str,
+        timeout: float = DEFAULT_CART_TIMEOUT,
+        on_status: Callable[[str, str], None] | None = None,
+    ) -> str:
+        """Poll until the cart is ready (see the base class); a cart that failed is forgotten."""
+        try:
+            return super().wait_for_cart(cart_url, timeout, on_status)
+        except DownloaderError:
+            self.planned_files(cart_url)
+            raise
 
     def planned_files(self, cart_url: str) -> tuple[Sequence[CartFile], bool] | None:
         """The files and bundle flag of a cart this client set up (and forget it), or None."""
-        return self._carts.pop(cart_url, None)
+        with self._carts_lock:
+            return self._carts.pop(cart_url, None)
 
 
 def upstream_cart_api_url(kwargs: dict[str, Any], environ: Mapping[str, str]) -> str:

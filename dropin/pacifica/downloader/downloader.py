@@ -13,11 +13,12 @@ upstream returned ``None``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from downloader_service.archive import ExtractResult
+from downloader_service.cartfile import CartFile
 from downloader_service.cloudevent import CloudEvent
 from downloader_service.downloader import Downloader as _Downloader
 from downloader_service.downloader import DownloadResult
@@ -68,10 +69,18 @@ class Downloader(_Downloader):
         planned = self.cart_api.planned_files(cart_url) if isinstance(self.cart_api, CartAPI) else None
         files, bundle = planned if planned is not None else (None, False)
         try:
-            return self._fetch_cart(cart_url, filename, files, Path(location), bundle)
+            return super()._fetch_cart(cart_url, filename, files, Path(location), bundle)
         finally:
             if planned is not None:
                 self._delete(cart_url)
+
+    def _fetch_cart(
+        self, cart_url: str, filename: str, files: Sequence[CartFile] | None, target: Path, bundle: bool
+    ) -> ExtractResult:
+        # download() set the cart up through cart_api, which remembered it: it is used now.
+        if isinstance(self.cart_api, CartAPI):
+            self.cart_api.planned_files(cart_url)
+        return super()._fetch_cart(cart_url, filename, files, target, bundle)
 
 
 def _upstream_call(
