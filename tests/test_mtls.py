@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from devstack.nginx import MutualTLSProxy
 from devstack.pacifica import PacificaStack
 from devstack.policy import PolicyStandIn
 from downloader_service.cli import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE
-from tests.conftest import free_port, served
+from tests.conftest import free_port, logged, served
 from tests.events import file_obj, make_event
 from tests.pki import PKI, make_pki
 
@@ -188,11 +189,18 @@ def service_env(site: Site, tmp_path: Path, cert: Path, key: Path) -> dict[str, 
 
 def test_service_downloads_through_mutual_tls(tmp_path: Path, site: Site) -> None:
     env = service_env(site, tmp_path, site.pki.client_cert, site.pki.client_key)
-    with served(env, tmp_path / "server.log") as (url, _proc):
+    log = tmp_path / "server.log"
+    with served(env, log) as (url, _proc):
         assert requests.get(url + "/health/ready", timeout=10).status_code == 200
         resp = requests.post(url, json=site.event("mtls-service"), timeout=60)
         assert resp.status_code == 200, resp.text
         assert (Path(resp.json()["download_path"]) / "data/a/one.txt").read_bytes() == DATA[0]
+        deadline = time.monotonic() + 30
+        while not logged(log, "cart deleted"):  # the outbox's DELETE, through nginx too
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    access = (site.proxy.workdir / "access.log").read_text()
+    assert re.search(r'"DELETE /[0-9a-f-]{36} HTTP/1.1" 200 ', access), access
 
 
 def test_service_with_a_refused_certificate_says_so(tmp_path: Path, site: Site) -> None:
