@@ -53,6 +53,8 @@ if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$WANT" ]; then
 fi
 HASH="$(source_hash)"
 if [ "$(cat "$SOURCE_STAMP" 2>/dev/null)" != "$HASH" ]; then
+    # setuptools reuses build/lib: a module removed from the sources would stay in the wheel.
+    rm -rf "$REPO_ROOT/build" "$REPO_ROOT/dropin/build"
     "$VENV/bin/python" "${PIP[@]}" --no-deps --force-reinstall "$REPO_ROOT" "$REPO_ROOT/dropin"
     printf '%s' "$HASH" > "$SOURCE_STAMP"
 fi
