@@ -47,6 +47,9 @@ setup(
         "Jinja2>=3.1,<4",
     ],
     extras_require={
+        # pacifica-cli's `[authentication] type = gssapi` (Kerberos): optional, it needs the
+        # system's GSSAPI library; without it `download` says how to install it.
+        "gssapi": ["requests-gssapi>=1.3,<2"],
         "test": [
             "pytest==9.2.0",
             "ruff==0.17.6",

@@ -388,7 +388,11 @@ class _ProcessStack:
 
 
 class PacificaStack(_ProcessStack):
-    """Archive Interface, Cartd (+ dbsync) and one Celery worker, each on a free local port."""
+    """Archive Interface, Cartd (+ dbsync) and one Celery worker, each on a free local port.
+
+    ``archive_port`` and ``cartd_port`` fix the ports instead (upstream's tests hard-code
+    8080 and 8081; they run in a network namespace of their own, where those are free).
+    """
 
     _label = "Pacifica"
     _stack_label = "Pacifica stack"
@@ -396,10 +400,12 @@ class PacificaStack(_ProcessStack):
     _scrubbed_env_prefixes = _SCRUBBED_ENV_PREFIXES
     _celery_config_module = CELERY_CONFIG_MODULE
 
-    def __init__(self, workdir: Path, venv: Path, host: str = HOST):
+    def __init__(
+        self, workdir: Path, venv: Path, host: str = HOST, archive_port: int = 0, cartd_port: int = 0
+    ):
         super().__init__(workdir, venv, host)
-        self.archive_port = 0
-        self.cartd_port = 0
+        self.archive_port = archive_port
+        self.cartd_port = cartd_port
         self.archive_url = ""
         self.cartd_url = ""
 
@@ -483,8 +489,8 @@ class PacificaStack(_ProcessStack):
         began = time.monotonic()
         deadline = began + timeout
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.archive_port = free_port(self.host)
-        self.cartd_port = free_port(self.host)
+        self.archive_port = self.archive_port or free_port(self.host)
+        self.cartd_port = self.cartd_port or free_port(self.host)
         while self.cartd_port == self.archive_port:
             self.cartd_port = free_port(self.host)
         self.archive_url = f"http://{self.host}:{self.archive_port}"

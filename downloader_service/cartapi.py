@@ -144,7 +144,9 @@ class CartAPI:
                 on_status(status, message)
             if code == 204 and status == "ready":
                 return cart_url
-            if code in (401, 403, 404):
+            # 4xx: Cartd or a proxy before it refuses (a TLS terminator wanting a client
+            # certificate answers 400); only a 408 or a 429 is worth asking again.
+            if 400 <= code < 500 and code not in (408, 429):
                 raise (CartGoneError if code == 404 else CartFailedError)(
                     f"Cartd answered {code} for the cart {cart_url}: {message or 'no message'}",
                     url=cart_url,
@@ -206,14 +208,23 @@ class CartAPI:
             merged["headers"] = {**self.request_kwargs["headers"], **kwargs["headers"]}
         try:
             return self.session.request(method, url, timeout=self.timeout, **merged)
-        except requests.RequestException as exc:
-            # The sentence says what happened; urllib3's own words go to the debug log.
-            LOGGER.debug("Cartd request failed", extra={"url": url, "method": method, "raw": str(exc)[:4000]})
-            if isinstance(exc, requests.Timeout):
-                raise CartUnavailableError(f"Cartd did not answer {method} {url} in time", url=url) from exc
+        except OSError as exc:
+            if isinstance(exc, requests.RequestException):
+                raise self._unavailable(method, url, exc) from exc
+            # requests reports a CA bundle or client certificate it cannot find so, before
+            # connecting (tls.tls_options checks them earlier, where a caller uses it).
             raise CartUnavailableError(
-                f"cannot reach Cartd for {method} {url}: {connection_problem(exc)}", url=url
+                f"cannot reach Cartd for {method} {url}: {exc}", url=url, retryable=False
             ) from exc
+
+    def _unavailable(self, method: str, url: str, exc: requests.RequestException) -> CartUnavailableError:
+        """The sentence says what happened; urllib3's own words go to the debug log."""
+        LOGGER.debug("Cartd request failed", extra={"url": url, "method": method, "raw": str(exc)[:4000]})
+        if isinstance(exc, requests.Timeout):
+            return CartUnavailableError(f"Cartd did not answer {method} {url} in time", url=url)
+        return CartUnavailableError(
+            f"cannot reach Cartd for {method} {url}: {connection_problem(exc)}", url=url
+        )
 
 
 class CartStream:
@@ -372,6 +383,9 @@ def _request_kwargs(auth: Any) -> dict[str, Any]:
 def connection_problem(exc: BaseException) -> str:
     """What went wrong with a connection, in a few words, from an exception and its causes."""
     text = repr(exc)
+    verify = re.search(r"certificate verify failed: ([^()'\"]+)", text)
+    if verify:
+        return f"the server's TLS certificate is not trusted ({verify[1].strip()})"
     for needles, words in _PROBLEMS:
         if any(needle in text for needle in needles):
             return words
@@ -379,6 +393,13 @@ def connection_problem(exc: BaseException) -> str:
 
 
 _PROBLEMS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("CERTIFICATE_REQUIRED", "certificate required"), "the server requires a client certificate"),
+    (
+        ("UNKNOWN_CA", "unknown ca", "BAD_CERTIFICATE", "bad certificate", "CERTIFICATE_EXPIRED"),
+        "the server refused our client certificate",
+    ),
+    (("WRONG_VERSION_NUMBER",), "no TLS at the other end (an https:// URL for an http:// server?)"),
+    (("SSLError", "SSL:"), "the TLS handshake failed"),
     (("Connection refused", "Errno 111"), "connection refused"),
     (
         ("Name or service not known", "Temporary failure in name resolution", "Errno -2", "Errno -3"),
@@ -439,7 +460,15 @@ def _body_message(resp: requests.Response) -> str:
     try:
         body = json.loads(text)
     except ValueError:
-        return text or "no message"
+        # An HTML error page (a proxy's, nginx's "400 No required SSL certificate was sent"):
+        # its title says it in one line.
+        return html_title(text) or text or "no message"
     if isinstance(body, Mapping) and "message" in body:
         return str(body["message"])
     return text
+
+
+def html_title(text: str) -> str | None:
+    """The ``<title>`` of an HTML page (a proxy's error page says what went wrong there), or None."""
+    title = re.search(r"<title>\s*([^<]{1,300}?)\s*</title>", text, re.IGNORECASE)
+    return title[1] if title else None

@@ -112,6 +112,9 @@ class Downloader:
     works too.
     """
 
+    #: The cart client this downloader makes (the drop-in ``pacifica.downloader`` uses its own).
+    cart_api_class: type[CartAPI] = CartAPI
+
     def __init__(
         self, location: str | os.PathLike[str] | None = None, cart_api_url: str | None = None, **kwargs: Any
     ) -> None:
@@ -135,7 +138,7 @@ class Downloader:
         self.bundle_threshold = int(kwargs.pop("bundle_threshold", DEFAULT_BUNDLE_THRESHOLD))
         self.max_resumes = int(kwargs.pop("max_resumes", DEFAULT_MAX_RESUMES))
         self.clock = kwargs.get("clock", time.monotonic)
-        self.cart_api = CartAPI(cart_api_url, **kwargs)
+        self.cart_api = self.cart_api_class(cart_api_url, **kwargs)
 
     @property
     def auth(self) -> dict[str, Any]:
@@ -157,8 +160,12 @@ class Downloader:
         files: Sequence[CartFile],
         filename: str = "data",
         location: str | os.PathLike[str] | None = None,
+        timeout: float | None = None,
     ) -> DownloadResult:
-        """Cart, wait, stream and verify ``files``; on failure nothing new stays on disk."""
+        """Cart, wait, stream and verify ``files``; on failure nothing new stays on disk.
+
+        ``timeout`` is a fixed wait for staging, in seconds, instead of :meth:`staging_timeout`.
+        """
         target = self._location(location)
         check_destination(target, filename, files)  # before the cart: Cartd's work would be lost
         started = self.clock()
@@ -181,11 +188,10 @@ class Downloader:
         cart_url = self.cart_api.setup_cart(as_yield_files(wanted), bundle=bundle, cart_url=planned)
         self.progress.cart_created(cart_url, len(wanted))
         try:
-            self.cart_api.wait_for_cart(cart_url, self.staging_timeout(wanted), self.progress.cart_status)
+            wait = self.staging_timeout(wanted) if timeout is None else timeout
+            self.cart_api.wait_for_cart(cart_url, wait, self.progress.cart_status)
             ready = self.clock()
-            extracted = self._download_from_url(
-                cart_url, filename, files=wanted, location=target, bundle=bundle
-            )
+            extracted = self._fetch_cart(cart_url, filename, wanted, target, bundle)
         except DownloaderError as exc:
             LOGGER.warning(
                 "download failed",
@@ -279,7 +285,12 @@ class Downloader:
         A ``bundle``'s top directory is the cart's uid (placed as ``filename``), and if its
         server serves byte ranges a broken stream resumes where the verified data ends.
         """
-        target = self._location(location)
+        return self._fetch_cart(cart_url, filename, files, self._location(location), bundle)
+
+    def _fetch_cart(
+        self, cart_url: str, filename: str, files: Sequence[CartFile] | None, target: Path, bundle: bool
+    ) -> ExtractResult:
+        """Stream the ready cart into ``target/filename`` (what :meth:`_download_from_url` does)."""
         with self.cart_api.open_cart(cart_url, filename) as stream:
             if not bundle:
                 return extract_cart(stream, target, filename, files, self.progress, self.chunk_size)

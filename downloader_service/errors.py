@@ -8,7 +8,8 @@ which turns it into an HTTP status) whether sending the same request again may s
     ├── InvalidInputError (ValueError)   the caller's document is wrong; never retryable
     │   ├── InvalidEventError            a CloudEvent that cannot become a cart
     │   │   └── NoFilesError             ... because it names no files at all
-    │   └── InvalidTransactionInfoError  a Policy transaction document, likewise
+    │   ├── InvalidTransactionInfoError  a Policy transaction document, likewise
+    │   └── InvalidConfigError           a configuration (pacifica-cli's INI, a TLS file) is wrong
     ├── CartError                        talking to Cartd
     │   ├── CartFailedError              Cartd refused the cart or reported an error
     │   │   └── CartGoneError            Cartd no longer knows the cart (404)  (retryable)
@@ -97,6 +98,10 @@ class NoFilesError(InvalidEventError):
 
 class InvalidTransactionInfoError(InvalidInputError):
     """A Policy transaction-info document is malformed."""
+
+
+class InvalidConfigError(InvalidInputError):
+    """A configuration file or option cannot be used (an unknown auth type, an unloadable certificate)."""
 
 
 class CartError(DownloaderError):

@@ -86,6 +86,8 @@ class FakeCartd:
     contents: dict[str, bytes] = field(default_factory=dict)
     carts: dict[str, Cart] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    # The Authorization header of each request, in order ("" when none was sent).
+    authorizations: list[str] = field(default_factory=list)
     post_status: int = 201
     # head(cart) -> (status code, X-Pacifica-Status, X-Pacifica-Message)
     head: Callable[[Cart], tuple[int, str, str]] = lambda cart: (204, "ready", "")
@@ -136,6 +138,7 @@ class FakeCartd:
 
             def do_POST(self) -> None:
                 fake.requests.append(("POST", self.path))
+                fake.authorizations.append(self.headers.get("Authorization", ""))
                 fake.before_post()
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
@@ -145,6 +148,7 @@ class FakeCartd:
 
             def do_HEAD(self) -> None:
                 fake.requests.append(("HEAD", self.path))
+                fake.authorizations.append(self.headers.get("Authorization", ""))
                 cart = fake.carts.get(self._uid())
                 if cart is None:
                     self._reply(404, b"", {"X-Pacifica-Status": "error", "X-Pacifica-Message": "no cart"})
@@ -155,12 +159,14 @@ class FakeCartd:
 
             def do_DELETE(self) -> None:
                 fake.requests.append(("DELETE", self.path))
+                fake.authorizations.append(self.headers.get("Authorization", ""))
                 fake.before_delete()
                 fake.deleted.append(self._uid())
                 self._reply(200, b'{"message": "Cart Deleted Successfully"}')
 
             def do_GET(self) -> None:
                 fake.requests.append(("GET", self.path))
+                fake.authorizations.append(self.headers.get("Authorization", ""))
                 cart = fake.carts.get(self._uid())
                 if cart is None or fake.get_status != 200:
                     self._reply(404 if cart is None else fake.get_status, b'{"message": "no such cart"}')

@@ -16,6 +16,7 @@ from downloader_service import (
     DownloadInterruptedError,
     InvalidInputError,
 )
+from downloader_service.cartapi import connection_problem
 from downloader_service.cartfile import CartdFile
 from tests.fakecartd import Cart, FakeCartd, cart_tar, closed_port, sha1
 
@@ -281,3 +282,33 @@ def test_unreachable_cartd_is_said_in_a_few_words_not_urllib3s() -> None:
         CartAPI(f"http://127.0.0.1:{closed_port()}").setup_cart(lambda: iter(one_file()))
     assert str(info.value).endswith(": connection refused")
     assert "HTTPConnectionPool" not in str(info.value)
+
+
+@pytest.mark.parametrize("code", [400, 401, 403])
+def test_wait_for_cart_ends_at_a_refusal(fake_cartd: FakeCartd, code: int) -> None:
+    # A TLS terminator wanting another client certificate answers 400: waiting cannot help.
+    fake_cartd.head = lambda cart: (code, "", "")
+    api = CartAPI(fake_cartd.url, poll_interval=0.01)
+    with pytest.raises(CartFailedError, match=f"Cartd answered {code}"):
+        api.wait_for_cart(api.setup_cart(lambda: iter(one_file())), 30)
+    assert len([verb for verb, _ in fake_cartd.requests if verb == "HEAD"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer "
+            "certificate (_ssl.c:1006)",
+            "the server's TLS certificate is not trusted (unable to get local issuer certificate)",
+        ),
+        ("[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] tlsv13 alert certificate required", "requires a client"),
+        ("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca", "the server refused our client certificate"),
+        ("[SSL: WRONG_VERSION_NUMBER] wrong version number", "no TLS at the other end"),
+    ],
+)
+def test_connection_problem_names_tls_failures(raw: str, words: str) -> None:
+    exc = requests.exceptions.SSLError(
+        f"HTTPSConnectionPool(host='x', port=1): (Caused by SSLError({raw!r}))"
+    )
+    assert words in connection_problem(exc)

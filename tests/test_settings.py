@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,61 @@ def test_describe_lists_every_variable_once() -> None:
     names = [row[0] for row in describe()]
     assert len(names) == len(set(names)) == len(Settings.__dataclass_fields__)
     assert "CARTD_URL" in names
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tests.pki import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_settings_become_request_options(pki: Any) -> None:
+    settings = settings_from_env(
+        {
+            "DOWNLOADER_CA_BUNDLE": str(pki.ca),
+            "DOWNLOADER_CLIENT_CERT": str(pki.client_cert),
+            "DOWNLOADER_CLIENT_KEY": str(pki.client_key),
+        }
+    )
+    assert settings.request_options() == {
+        "verify": str(pki.ca),
+        "cert": (str(pki.client_cert), str(pki.client_key)),
+    }
+    combined = settings_from_env({"DOWNLOADER_CLIENT_CERT": str(pki.client_combined)})
+    assert combined.request_options() == {"cert": str(pki.client_combined)}
+    assert settings_from_env({}).request_options() == {}
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"DOWNLOADER_CLIENT_KEY": "{key}"}, "DOWNLOADER_CLIENT_KEY needs DOWNLOADER_CLIENT_CERT"),
+        (
+            {"DOWNLOADER_CA_BUNDLE": "{missing}"},
+            "DOWNLOADER_CA_BUNDLE: the CA bundle {missing} does not exist",
+        ),
+        (
+            {"DOWNLOADER_CA_BUNDLE": "{key}"},
+            "DOWNLOADER_CA_BUNDLE: the CA bundle {key} holds no PEM certificate",
+        ),
+        (
+            {"DOWNLOADER_CLIENT_CERT": "{cert}", "DOWNLOADER_CLIENT_KEY": "{stranger_key}"},
+            "DOWNLOADER_CLIENT_CERT: the client certificate {cert} and {stranger_key} cannot be used: "
+            "key values mismatch",
+        ),
+        (
+            {"DOWNLOADER_CLIENT_CERT": "{cert}"},
+            "DOWNLOADER_CLIENT_CERT: the client certificate {cert} cannot",
+        ),
+    ],
+)
+def test_tls_settings_are_checked_at_start(pki: Any, tmp_path: Path, env: dict[str, str], words: str) -> None:
+    names = {
+        "key": pki.client_key,
+        "cert": pki.client_cert,
+        "stranger_key": pki.stranger_key,
+        "missing": tmp_path / "none.pem",
+    }
+    with pytest.raises(ValueError, match=re.escape(words.format(**names))):
+        settings_from_env({name: value.format(**names) for name, value in env.items()})

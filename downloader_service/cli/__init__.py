@@ -25,13 +25,15 @@ from ..errors import (
     DownloaderError,
     DownloadInterruptedError,
     IntegrityError,
+    InvalidConfigError,
     InvalidInputError,
     LocalStorageError,
     PolicyUnavailableError,
     UnsafeArchiveError,
 )
 from ..progress import DownloadProgress
-from ..transactioninfo import TransactionInfo, fetch_transaction_info
+from ..transactioninfo import TransactionInfo, fetch_transaction_document, fetch_transaction_info
+from .clientconfig import load_client_config
 from .operate import add_operator_commands
 
 LOGGER = logging.getLogger(__name__)
@@ -44,8 +46,10 @@ DELETE_WAIT = 30.0
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 3, 4, 5
 EXIT_UNSAFE, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_STORAGE = 6, 7, 8, 9
+EXIT_CONFIG = 10
 EXIT_CANCELLED = 130
 EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (InvalidConfigError, EXIT_CONFIG),
     (InvalidInputError, EXIT_INVALID),
     (CartTimeoutError, EXIT_TIMEOUT),
     (CartError, EXIT_UNAVAILABLE),
@@ -65,7 +69,25 @@ EXIT_HELP = f"""exit codes:
   {EXIT_INTEGRITY}    a file failed its checksum, or a requested file was missing
   {EXIT_INTERRUPTED}    the download broke off or stalled
   {EXIT_STORAGE}    the destination could not be written
+  {EXIT_CONFIG}   the configuration cannot be used (pacifica-cli INI: a key, a CA or certificate file)
   {EXIT_CANCELLED}  interrupted by Ctrl-C (nothing half-written is left)
+"""
+
+
+PACIFICA_CLI_HELP = """pacifica-cli's form reads pacifica-cli's INI as pacifica-cli 0.5.2 does:
+  defaults from $DOWNLOAD_URL, $DOWNLOAD_POLICY_URL, $AUTHENTICATION_TYPE, _USERNAME, _PASSWORD,
+  _CERT, _KEY; then /etc/pacifica-cli/config.ini, else <sys.prefix>/pacifica-cli/config.ini, else
+  ./config.ini; then --config-ini / $PACIFICA_CLI_INI (an absolute path, or a name under
+  ~/.pacifica_cli; default config.ini). Keys: [endpoints] download_url (Cartd),
+  download_policy_url (GET <it>/<ID>), ca_bundle (True, False or a CA file); [authentication]
+  type = clientssl (cert, key), basic (username, password; $AUTHENTICATION_USERNAME and
+  $AUTHENTICATION_PASSWORD win), gssapi (needs requests-gssapi) or None.
+
+examples:
+  downloader-service download --transaction-id 67 --destination ./here
+  downloader-service --config-ini /etc/site/cli.ini download --cloudevent event.json --destination ./here
+  downloader-service download event event.json ./here --cart-url http://cartd:8081
+
 """
 
 
@@ -92,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # pacifica-cli's global options, so that `pacifica-cli --config-ini X download ...` keeps working.
+    parser.add_argument(
+        "--config-ini",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="pacifica-cli's INI (see download --help)",
+    )
+    parser.add_argument(
+        "--verbose",
+        dest="log_level",
+        default=argparse.SUPPRESS,
+        metavar="LEVEL",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="log level of download, as pacifica-cli's --verbose (debug, info, ...)",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_download(commands)
     add_operator_commands(commands)
@@ -99,16 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_download(commands: Any) -> None:
-    download = commands.add_parser(
-        "download",
-        help="download an event's or a transaction's files",
-        description="Download the files of a CloudEvent or a Pacifica transaction, verified, into DEST.",
-        epilog=EXIT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    kinds = download.add_subparsers(title="what to download", metavar="KIND")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    cartd = argparse.ArgumentParser(add_help=False)  # the KIND forms; pacifica-cli's reads its INI
+    cartd.add_argument(
         "--cart-url",
         default=os.environ.get("CARTD_URL", DEFAULT_CART_API_URL),
         help="Cartd's cart API URL (default: $CARTD_URL or %(default)s)",
@@ -133,9 +164,35 @@ def _add_download(commands: Any) -> None:
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary line")
     common.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
 
+    download = commands.add_parser(
+        "download",
+        parents=[common],
+        help="download an event's or a transaction's files",
+        description="Download the files of a CloudEvent or a Pacifica transaction, verified. "
+        "As pacifica-cli: download (--transaction-id ID | --cloudevent FILE) --destination DIR, configured "
+        "by pacifica-cli's INI; or with a KIND below, configured by options and the environment.",
+        epilog=PACIFICA_CLI_HELP + EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    download.add_argument(
+        "--config-ini",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="pacifica-cli's INI file: an absolute path, or a name under ~/.pacifica_cli "
+        "(default: $PACIFICA_CLI_INI, else config.ini)",
+    )
+    download.add_argument(
+        "--destination", metavar="DIR", default=".", help="download into DIR/<filename> (default: .)"
+    )
+    what = download.add_mutually_exclusive_group()
+    what.add_argument("--transaction-id", metavar="ID", help="the files of transaction ID (asked of Policy)")
+    what.add_argument("--cloudevent", metavar="FILE", help="the files a saved CloudEvent lists (- for stdin)")
+    download.set_defaults(run=_download_pacifica_cli, parser=download)
+    kinds = download.add_subparsers(title="or what to download (without the INI)", metavar="KIND")
+
     event = kinds.add_parser(
         "event",
-        parents=[common],
+        parents=[common, cartd],
         help="the files a saved CloudEvent lists",
         description="Download the files listed in a saved CloudEvent (0.1 or 1.0 JSON).",
         epilog="examples:\n  downloader-service download event event.json ./here\n"
@@ -152,7 +209,7 @@ def _add_download(commands: Any) -> None:
 
     transaction = kinds.add_parser(
         "transaction",
-        parents=[common],
+        parents=[common, cartd],
         help="the files of a Pacifica transaction",
         description="Download a transaction's files; the file list comes from Pacifica Policy "
         "(GET {policy}/status/transactions/by_id/ID) or from --from-file.",
@@ -179,6 +236,38 @@ def _add_download(commands: Any) -> None:
         "(_id or transaction_id), that must be ID",
     )
     transaction.set_defaults(run=_download_transaction)
+
+
+def _download_pacifica_cli(args: argparse.Namespace) -> int:
+    """pacifica-cli's ``download``: endpoints and credentials from its INI, the rest as ours."""
+    if args.transaction_id is None and args.cloudevent is None:
+        args.parser.print_usage(sys.stderr)
+        print(
+            "downloader-service download: give --transaction-id ID or --cloudevent FILE (pacifica-cli's "
+            "form), or a KIND: event, transaction",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        config = load_client_config(getattr(args, "config_ini", None))
+    except InvalidConfigError as exc:
+        print(f"downloader-service: {exc}", file=sys.stderr)
+        return exit_code(exc)
+    args.dest = Path(args.destination)
+    args.cart_url = config.download_url
+    LOGGER.debug("configuration", extra={"files": config.files, "auth": config.auth_type})
+
+    def files() -> tuple[Any, int | None]:
+        if args.cloudevent is not None:
+            cart_files = _read_json(args.cloudevent, "event", CloudEvent.read_files)
+        else:
+            doc = fetch_transaction_document(
+                config.download_policy_url, args.transaction_id, **config.request_options
+            )
+            cart_files = TransactionInfo.files(doc)
+        return cart_files, _total_size(cart_files)
+
+    return _download(args, files, config.request_options)
 
 
 def _download_event(args: argparse.Namespace) -> int:
@@ -243,8 +332,9 @@ def _read_json(source: str, what: str, read: Callable[[IO[bytes]], Any] = json.l
         raise InvalidInputError(f"the {what} in {name} is not valid JSON: {exc}", field="file") from exc
 
 
-def _download(args: argparse.Namespace, files: Any) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL, stream=sys.stderr)
+def _download(args: argparse.Namespace, files: Any, request_options: dict[str, Any] | None = None) -> int:
+    level = logging.DEBUG if args.verbose else getattr(args, "log_level", "CRITICAL")
+    logging.basicConfig(level=level, stream=sys.stderr)
     show = not args.quiet and sys.stderr.isatty()
     try:
         cart_files, total = files()
@@ -253,7 +343,12 @@ def _download(args: argparse.Namespace, files: Any) -> int:
         return exit_code(exc)
     progress = TerminalProgress(sys.stderr, total) if show else DownloadProgress()
     downloader = Downloader(
-        args.dest, args.cart_url, cart_timeout=args.timeout, progress=progress, delete_cart=not args.keep_cart
+        args.dest,
+        args.cart_url,
+        cart_timeout=args.timeout,
+        progress=progress,
+        delete_cart=not args.keep_cart,
+        auth=request_options,
     )
     try:
         result = downloader.download(cart_files, args.filename)

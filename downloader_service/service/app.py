@@ -479,6 +479,7 @@ def _error_page(status: str, message: str, traceback: str, version: str) -> str:
 def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downloader]:
     """Make a :class:`Downloader` per job (each with its progress hook), sharing one session."""
     session = requests.Session()
+    options = settings.request_options()  # a CA bundle, a client certificate (checked at start)
 
     def make(progress: DownloadProgress) -> Downloader:
         return Downloader(
@@ -493,6 +494,7 @@ def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downl
             read_timeout=settings.read_timeout,
             progress=progress,
             session=session,
+            auth=options,
             # The worker records the cart in the outbox and deletes it after the job's end.
             delete_cart=False,
         )

@@ -27,6 +27,7 @@ import requests
 from cloudevents.core.bindings.http import to_structured_event
 from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
+from ..cartapi import connection_problem
 from .jobs import Job, JobError, JobState
 from .retry import RetryPolicy
 from .settings import Settings
@@ -200,7 +201,9 @@ class Deliverer:
         options: dict[str, Any] = {"allow_redirects": False, "stream": True}
         try:
             if delivery.type == CART_DELETE:
-                with self.session.delete(delivery.sink, timeout=self.cart_timeout, **options) as resp:
+                # Cartd's TLS options (a CA bundle, a client certificate), not the sinks'.
+                cartd = {**options, **self.settings.request_options()}
+                with self.session.delete(delivery.sink, timeout=self.cart_timeout, **cartd) as resp:
                     # 404: Cartd has no such cart any more (deleted before, or purged): done.
                     status = 200 if resp.status_code == 404 else resp.status_code
                     text = _start_of(resp)
@@ -211,9 +214,12 @@ class Deliverer:
                 ) as resp:
                     status = resp.status_code
                     text = _start_of(resp)
-        except requests.RequestException as exc:
+        except (OSError, ValueError) as exc:
+            # requests' errors are OSErrors, as is its word for a certificate file gone since
+            # the start (ValueError: ours, for one that no longer loads): worth another try.
             where = "Cartd" if delivery.type == CART_DELETE else "the sink"
-            return None, f"cannot reach {where}: {type(exc).__name__}", True
+            problem = connection_problem(exc) if isinstance(exc, requests.RequestException) else str(exc)
+            return None, f"cannot reach {where}: {problem}", True
         if status < 300:
             return status, None, False
         where = "Cartd" if delivery.type == CART_DELETE else "the sink"

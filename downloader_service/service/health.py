@@ -21,6 +21,7 @@ from typing import Any
 import requests
 
 from .. import __version__
+from ..cartapi import connection_problem, html_title
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -28,6 +29,7 @@ from .store import JobStore, StoreError
 
 LOGGER = logging.getLogger(__name__)
 CARTD_PROBE_TIMEOUT = 2.0
+_REFUSALS = frozenset({400, 401, 403, 407})
 
 
 def readiness(settings: Settings, store: JobStore, session: requests.Session) -> tuple[bool, dict[str, Any]]:
@@ -39,19 +41,22 @@ def readiness(settings: Settings, store: JobStore, session: requests.Session) ->
     except StoreError as exc:
         checks["store"] = {"ok": False, "url": store.describe(), "reason": str(exc)}
     try:
-        with session.get(settings.cartd_url + "/", timeout=CARTD_PROBE_TIMEOUT) as resp:
-            checks["cartd"] = {
-                "ok": resp.status_code < 500,
-                "url": settings.cartd_url,
-                "status": resp.status_code,
-            }
-            if resp.status_code >= 500:
-                checks["cartd"]["reason"] = f"Cartd answered {resp.status_code}"
-    except requests.RequestException as exc:
+        options = settings.request_options()
+        with session.get(settings.cartd_url + "/", timeout=CARTD_PROBE_TIMEOUT, **options) as resp:
+            # A refusal is no Cartd either: a TLS terminator wanting another client certificate
+            # answers 400, a proxy wanting credentials 401 or 407, and every cart would fail so.
+            ok = resp.status_code < 500 and resp.status_code not in _REFUSALS
+            checks["cartd"] = {"ok": ok, "url": settings.cartd_url, "status": resp.status_code}
+            if not ok:
+                checks["cartd"]["reason"] = f"Cartd answered {resp.status_code}{_title(resp)}"
+    except (OSError, ValueError) as exc:
+        # requests' errors are OSErrors, and so is its word for a certificate file gone since
+        # the start; a ValueError is tls_options' for a file that no longer loads.
+        problem = connection_problem(exc) if isinstance(exc, requests.RequestException) else _first_line(exc)
         checks["cartd"] = {
             "ok": False,
             "url": settings.cartd_url,
-            "reason": f"Cartd cannot be reached: {_first_line(exc)}",
+            "reason": f"Cartd cannot be reached: {problem}",
         }
     checks["download_root"] = _root_check(settings)
     ready = all(check["ok"] for check in checks.values())
@@ -91,6 +96,14 @@ def _root_check(settings: Settings) -> dict[str, Any]:
             reason=f"{free} bytes free under {root}; DOWNLOADER_MIN_FREE_BYTES is {settings.min_free_bytes}",
         )
     return check
+
+
+def _title(resp: requests.Response) -> str:
+    """``: <title>`` of an HTML error page (nginx's "No required SSL certificate was sent")."""
+    if "html" not in resp.headers.get("Content-Type", ""):
+        return ""
+    title = html_title(next(resp.iter_content(8192), b"").decode("utf-8", "replace"))
+    return f": {title}" if title else ""
 
 
 def _first_line(exc: BaseException) -> str:

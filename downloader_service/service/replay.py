@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import requests
 
+from ..cartapi import connection_problem
 from ..errors import DownloaderError, InvalidEventError, PolicyUnavailableError
 from .intake import Intake
 from .jobs import JobState
@@ -213,11 +214,17 @@ class Replayer:
         url = f"{self.policy_url}/events/{self.user}"
         try:
             with self.session.post(
-                url, data=text.encode("utf-8"), headers=_PLAIN_JSON, timeout=POLICY_TIMEOUT
+                url,
+                data=text.encode("utf-8"),
+                headers=_PLAIN_JSON,
+                timeout=POLICY_TIMEOUT,
+                **self.intake.settings.request_options(),
             ) as resp:
                 status = resp.status_code
         except requests.RequestException as exc:
-            raise PolicyUnavailableError(f"Policy at {url} cannot be reached: {exc}", url=url) from exc
+            raise PolicyUnavailableError(
+                f"Policy at {url} cannot be reached: {connection_problem(exc)}", url=url
+            ) from exc
         if status >= 500:
             raise PolicyUnavailableError(f"Policy answered {status} at {url}", url=url, status=status)
         return 200 <= status < 300

@@ -15,6 +15,7 @@ from ..cartapi import (
     DEFAULT_READ_TIMEOUT,
 )
 from ..downloader import DEFAULT_BUNDLE_THRESHOLD, DEFAULT_TIMEOUT_PER_FILE, DEFAULT_TIMEOUT_RATE
+from ..tls import check_ca_bundle, check_client_cert, tls_options
 from .jsonpath import compile_jsonpath
 from .layout import DEFAULT_LAYOUT, check_layout
 
@@ -357,6 +358,29 @@ class Settings:
         default=DEFAULT_READ_TIMEOUT,
         metadata={"env": "CARTD_READ_TIMEOUT", "help": "seconds Cartd may stay silent mid-answer"},
     )
+    ca_bundle: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_CA_BUNDLE",
+            "help": "CA file (or c_rehash directory) trusted for https:// Cartd and Policy instead of the "
+            "system's (empty: the system's)",
+        },
+    )
+    client_cert: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_CLIENT_CERT",
+            "help": "PEM client certificate sent to Cartd and Policy (mutual TLS); with its key unless "
+            "DOWNLOADER_CLIENT_KEY names the key's file",
+        },
+    )
+    client_key: str = field(
+        default="",
+        metadata={
+            "env": "DOWNLOADER_CLIENT_KEY",
+            "help": "the unencrypted PEM key of DOWNLOADER_CLIENT_CERT",
+        },
+    )
     health_port: int = field(
         default=0,
         metadata={
@@ -378,6 +402,10 @@ class Settings:
     def __post_init__(self) -> None:
         # Checked here, so a Settings built in code is held to the same ranges as the environment.
         _check(self)
+
+    def request_options(self) -> dict[str, Any]:
+        """``requests`` keyword arguments for every call to Cartd and Policy (``verify``, ``cert``)."""
+        return tls_options(self.ca_bundle or None, self.client_cert or None, self.client_key or None)
 
     def bundle_choice(self) -> bool | str:
         """``bundle`` as the library takes it: ``"auto"``, ``True`` or ``False``."""
@@ -587,11 +615,28 @@ def _check(settings: Settings) -> None:
         raise ValueError(
             "the operators' credential must differ from the sender's (DOWNLOADER_TOKEN, _BASIC_AUTH)"
         )
+    _check_tls(settings)
     if not settings.event_types:
         raise ValueError("DOWNLOADER_EVENT_TYPES must name at least one type")
     if not settings.filename or settings.filename in (".", "..") or "/" in settings.filename:
         raise _refuse("filename", "one directory name", settings.filename)
     _check_subscription(settings)
+
+
+def _check_tls(settings: Settings) -> None:
+    """The CA bundle and client certificate load, so a wrong file stops the start, not each job."""
+    if settings.ca_bundle:
+        try:
+            check_ca_bundle(settings.ca_bundle)
+        except ValueError as exc:
+            raise ValueError(f"DOWNLOADER_CA_BUNDLE: {exc}") from None
+    if settings.client_key and not settings.client_cert:
+        raise ValueError("DOWNLOADER_CLIENT_KEY needs DOWNLOADER_CLIENT_CERT (the key's certificate)")
+    if settings.client_cert:
+        try:
+            check_client_cert(settings.client_cert, settings.client_key or None)
+        except ValueError as exc:
+            raise ValueError(f"DOWNLOADER_CLIENT_CERT: {exc}") from None
 
 
 def _check_subscription(settings: Settings) -> None:
