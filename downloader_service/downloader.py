@@ -182,24 +182,7 @@ class Downloader:
                 seconds=self.clock() - started,
                 skipped=len(present),
             )
-        bundle = self.wants_bundle(wanted)
-        planned = self.cart_api.new_cart_url()
-        self.progress.cart_planned(planned)
-        cart_url = self.cart_api.setup_cart(as_yield_files(wanted), bundle=bundle, cart_url=planned)
-        self.progress.cart_created(cart_url, len(wanted))
-        try:
-            wait = self.staging_timeout(wanted) if timeout is None else timeout
-            self.cart_api.wait_for_cart(cart_url, wait, self.progress.cart_status)
-            ready = self.clock()
-            extracted = self._fetch_cart(cart_url, filename, wanted, target, bundle)
-        except DownloaderError as exc:
-            LOGGER.warning(
-                "download failed",
-                extra={"cart_url": cart_url, "error": type(exc).__name__, "detail": str(exc)},
-            )
-            raise
-        finally:
-            self._delete(cart_url)
+        cart_url, extracted, ready = self._through_cart(wanted, filename, target, timeout)
         result = DownloadResult(
             location=target,
             root=extracted.root,
@@ -220,6 +203,33 @@ class Downloader:
             },
         )
         return result
+
+    def _through_cart(
+        self, wanted: Sequence[CartFile], filename: str, target: Path, timeout: float | None
+    ) -> tuple[str, ExtractResult, float]:
+        """Make a cart of ``wanted``, wait for it, stream it in; the cart is deleted whatever happens.
+
+        Returns the cart's URL, what was extracted, and when the cart was ready (``clock``).
+        """
+        bundle = self.wants_bundle(wanted)
+        planned = self.cart_api.new_cart_url()
+        self.progress.cart_planned(planned)
+        cart_url = self.cart_api.setup_cart(as_yield_files(wanted), bundle=bundle, cart_url=planned)
+        self.progress.cart_created(cart_url, len(wanted))
+        try:
+            wait = self.staging_timeout(wanted) if timeout is None else timeout
+            self.cart_api.wait_for_cart(cart_url, wait, self.progress.cart_status)
+            ready = self.clock()
+            extracted = self._fetch_cart(cart_url, filename, wanted, target, bundle)
+        except DownloaderError as exc:
+            LOGGER.warning(
+                "download failed",
+                extra={"cart_url": cart_url, "error": type(exc).__name__, "detail": str(exc)},
+            )
+            raise
+        finally:
+            self._delete(cart_url)
+        return cart_url, extracted, ready
 
     def wants_bundle(self, files: Sequence[CartFile]) -> bool:
         """Whether to ask Cartd for a bundled cart of ``files`` (see ``bundle``)."""

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import IO, Any, Final, TextIO
 
 from .. import __version__
 from ..cartapi import DEFAULT_CART_API_URL, DEFAULT_CART_TIMEOUT
@@ -136,34 +136,112 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_download(commands: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    cartd = argparse.ArgumentParser(add_help=False)  # the KIND forms; pacifica-cli's reads its INI
-    cartd.add_argument(
-        "--cart-url",
-        default=os.environ.get("CARTD_URL", DEFAULT_CART_API_URL),
-        help="Cartd's cart API URL (default: $CARTD_URL or %(default)s)",
-    )
-    common.add_argument(
-        "--filename", default="data", help="directory under DEST for the files (default: data)"
-    )
-    common.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_CART_TIMEOUT,
-        help="seconds to wait for the cart to be staged, plus 0.1 s a file and 1 s per 50 MB of "
-        "the files' size (default: %(default)g)",
-    )
-    common.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    common.add_argument(
-        "--keep-cart",
-        action="store_true",
-        help="leave the cart on Cartd (default: delete it once the files are in place; the "
-        "result is printed first, the command waits up to 30 s for the delete)",
-    )
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary line")
-    common.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
+# An option: its flags and add_argument's keywords. Tables of them are the download
+# command's options, so each parser below is one call per table.
+Option = tuple[tuple[str, ...], dict[str, Any]]
+_DEST: Final[Option] = (
+    ("dest",),
+    {"metavar": "DEST", "type": Path, "help": "directory to download into (created if missing)"},
+)
 
+
+def _common_options() -> list[Option]:
+    """Options of every form of ``download``."""
+    return [
+        (("--filename",), {"default": "data", "help": "directory under DEST for the files (default: data)"}),
+        (
+            ("--timeout",),
+            {
+                "type": float,
+                "default": DEFAULT_CART_TIMEOUT,
+                "help": "seconds to wait for the cart to be staged, plus 0.1 s a file and 1 s per 50 MB of "
+                "the files' size (default: %(default)g)",
+            },
+        ),
+        (("--json",), {"action": "store_true", "help": "print one JSON summary on stdout"}),
+        (
+            ("--keep-cart",),
+            {
+                "action": "store_true",
+                "help": "leave the cart on Cartd (default: delete it once the files are in place; the "
+                "result is printed first, the command waits up to 30 s for the delete)",
+            },
+        ),
+        (("--quiet", "-q"), {"action": "store_true", "help": "no progress bar, no summary line"}),
+        (("--verbose", "-v"), {"action": "store_true", "help": "log every step to stderr"}),
+    ]
+
+
+def _cartd_options() -> list[Option]:
+    """Options of the KIND forms (pacifica-cli's form reads its INI instead)."""
+    return [
+        (
+            ("--cart-url",),
+            {
+                "default": os.environ.get("CARTD_URL", DEFAULT_CART_API_URL),
+                "help": "Cartd's cart API URL (default: $CARTD_URL or %(default)s)",
+            },
+        )
+    ]
+
+
+def _pacifica_cli_options() -> list[Option]:
+    """pacifica-cli's ``download`` arguments."""
+    return [
+        (
+            ("--config-ini",),
+            {
+                "default": argparse.SUPPRESS,
+                "metavar": "FILE",
+                "help": "pacifica-cli's INI file: an absolute path, or a name under ~/.pacifica_cli "
+                "(default: $PACIFICA_CLI_INI, else config.ini)",
+            },
+        ),
+        (
+            ("--destination",),
+            {"metavar": "DIR", "default": ".", "help": "download into DIR/<filename> (default: .)"},
+        ),
+    ]
+
+
+def _transaction_options() -> list[Option]:
+    """Where ``download transaction`` gets the transaction's file list."""
+    return [
+        (("transaction_id",), {"metavar": "ID", "help": "the transaction id"}),
+        _DEST,
+        (
+            ("--policy-url",),
+            {
+                "default": os.environ.get("POLICY_URL", DEFAULT_POLICY_URL),
+                "help": "Pacifica Policy's URL (default: $POLICY_URL or %(default)s)",
+            },
+        ),
+        (
+            ("--from-file",),
+            {
+                "type": Path,
+                "metavar": "FILE",
+                "help": "Policy's transaction document saved to a file "
+                "(GET {policy}/status/transactions/by_id/ID), "
+                'instead of asking Policy: {"files": {"<file id>": {"name": "foo.txt", "subdir": "a/b", '
+                '"hashtype": "sha1", "hashsum": "...", "size": 123}, ...}}; if it names its transaction '
+                "(_id or transaction_id), that must be ID",
+            },
+        ),
+    ]
+
+
+def _options(parser: argparse.ArgumentParser, *tables: list[Option]) -> argparse.ArgumentParser:
+    for table in tables:
+        for flags, spec in table:
+            parser.add_argument(*flags, **spec)
+    return parser
+
+
+def _add_download(commands: Any) -> None:
+    """``download`` in pacifica-cli's form, and its KINDs ``event`` and ``transaction``."""
+    common = _options(argparse.ArgumentParser(add_help=False), _common_options())
+    cartd = _options(argparse.ArgumentParser(add_help=False), _cartd_options())
     download = commands.add_parser(
         "download",
         parents=[common],
@@ -174,42 +252,38 @@ def _add_download(commands: Any) -> None:
         epilog=PACIFICA_CLI_HELP + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    download.add_argument(
-        "--config-ini",
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="pacifica-cli's INI file: an absolute path, or a name under ~/.pacifica_cli "
-        "(default: $PACIFICA_CLI_INI, else config.ini)",
-    )
-    download.add_argument(
-        "--destination", metavar="DIR", default=".", help="download into DIR/<filename> (default: .)"
-    )
+    _options(download, _pacifica_cli_options())
     what = download.add_mutually_exclusive_group()
     what.add_argument("--transaction-id", metavar="ID", help="the files of transaction ID (asked of Policy)")
     what.add_argument("--cloudevent", metavar="FILE", help="the files a saved CloudEvent lists (- for stdin)")
     download.set_defaults(run=_download_pacifica_cli, parser=download)
     kinds = download.add_subparsers(title="or what to download (without the INI)", metavar="KIND")
+    _add_event_kind(kinds, [common, cartd])
+    _add_transaction_kind(kinds, [common, cartd])
 
+
+def _add_event_kind(kinds: Any, parents: list[argparse.ArgumentParser]) -> None:
     event = kinds.add_parser(
         "event",
-        parents=[common, cartd],
+        parents=parents,
         help="the files a saved CloudEvent lists",
         description="Download the files listed in a saved CloudEvent (0.1 or 1.0 JSON).",
         epilog="examples:\n  downloader-service download event event.json ./here\n"
         "  curl -s http://notifier/last | downloader-service download event - ./here --json\n\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    event.add_argument(
-        "event_file", metavar="EVENT_FILE", help="the event's JSON file, or - for standard input"
+    event_file: Option = (
+        ("event_file",),
+        {"metavar": "EVENT_FILE", "help": "the event's JSON file, or - for standard input"},
     )
-    event.add_argument(
-        "dest", metavar="DEST", type=Path, help="directory to download into (created if missing)"
-    )
+    _options(event, [event_file, _DEST])
     event.set_defaults(run=_download_event)
 
+
+def _add_transaction_kind(kinds: Any, parents: list[argparse.ArgumentParser]) -> None:
     transaction = kinds.add_parser(
         "transaction",
-        parents=[common, cartd],
+        parents=parents,
         help="the files of a Pacifica transaction",
         description="Download a transaction's files; the file list comes from Pacifica Policy "
         "(GET {policy}/status/transactions/by_id/ID) or from --from-file.",
@@ -217,24 +291,7 @@ def _add_download(commands: Any) -> None:
         "  downloader-service download transaction 67 ./here --from-file transaction-67.json\n\n" + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    transaction.add_argument("transaction_id", metavar="ID", help="the transaction id")
-    transaction.add_argument(
-        "dest", metavar="DEST", type=Path, help="directory to download into (created if missing)"
-    )
-    transaction.add_argument(
-        "--policy-url",
-        default=os.environ.get("POLICY_URL", DEFAULT_POLICY_URL),
-        help="Pacifica Policy's URL (default: $POLICY_URL or %(default)s)",
-    )
-    transaction.add_argument(
-        "--from-file",
-        type=Path,
-        metavar="FILE",
-        help="Policy's transaction document saved to a file (GET {policy}/status/transactions/by_id/ID), "
-        'instead of asking Policy: {"files": {"<file id>": {"name": "foo.txt", "subdir": "a/b", '
-        '"hashtype": "sha1", "hashsum": "...", "size": 123}, ...}}; if it names its transaction '
-        "(_id or transaction_id), that must be ID",
-    )
+    _options(transaction, _transaction_options())
     transaction.set_defaults(run=_download_transaction)
 
 

@@ -21,11 +21,19 @@ EXIT_UNREACHABLE, EXIT_REFUSED = 5, 6
 
 
 def add_operator_commands(commands: Any) -> None:
-    """Add ``serve``, ``worker``, ``db`` and ``jobs`` to the command tree."""
+    """Add ``serve``, ``worker``, ``db``, ``jobs``, ``subscribe`` and ``subscription``."""
     table = "\n".join(
         f"  {env:<28} {default or '(empty)':<32} {meaning}" for env, default, meaning in describe()
     )
     environment = f"environment (options win over it):\n{table}\n\n"
+    _add_serve(commands, environment)
+    _add_worker(commands, environment)
+    _add_db(commands)
+    _add_jobs(commands)
+    _add_subscription_commands(commands)
+
+
+def _add_serve(commands: Any, environment: str) -> None:
     serve = commands.add_parser(
         "serve",
         help="run the webhook service (intake, plus DOWNLOADER_WORKERS download workers)",
@@ -45,6 +53,8 @@ def add_operator_commands(commands: Any) -> None:
     serve.add_argument("--workers", type=int, help="download workers in this process (DOWNLOADER_WORKERS)")
     serve.set_defaults(run=_serve)
 
+
+def _add_worker(commands: Any, environment: str) -> None:
     worker = commands.add_parser(
         "worker",
         help="run download workers only, over the shared job store",
@@ -59,6 +69,8 @@ def add_operator_commands(commands: Any) -> None:
     worker.add_argument("--download-root", help="where downloads go (DOWNLOADER_ROOT)")
     worker.set_defaults(run=_worker)
 
+
+def _add_db(commands: Any) -> None:
     db = commands.add_parser(
         "db",
         help="the job store's schema",
@@ -68,6 +80,8 @@ def add_operator_commands(commands: Any) -> None:
     db.add_argument("action", choices=["upgrade", "check"], help="upgrade to the newest schema, or check it")
     db.set_defaults(run=_db)
 
+
+def _add_jobs(commands: Any) -> None:
     jobs = commands.add_parser(
         "jobs",
         help="list, show, retry or delete download jobs",
@@ -91,7 +105,6 @@ def add_operator_commands(commands: Any) -> None:
         action.add_argument("job_id", metavar="JOB_ID")
     _add_import(actions)
     jobs.set_defaults(run=_jobs)
-    _add_subscription_commands(commands)
 
 
 def _add_import(actions: Any) -> None:
