@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from downloader_service.cartfile import CartFile
-from downloader_service.service.app import downloader_factory
 from downloader_service.service.metrics import ServiceMetrics
 from downloader_service.service.settings import Settings, settings_from_env
 from downloader_service.service.store import JobStore, NewJob, open_store
-from downloader_service.service.worker import Worker
+from downloader_service.service.worker import Worker, downloader_factory
 from tests.fakecartd import FakeCartd, closed_port, sha1
 
 DATA = b"worker test data\n" * 100

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import cherrypy
-import requests
 
 from .. import __version__
 from ..downloader import Downloader
@@ -35,7 +34,7 @@ from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import JobStore, StoreError, open_store
 from .webhook import ReceivedEvent, check_media_type, parse_request
-from .worker import Worker, prepare_root, remove_download
+from .worker import Worker, build_worker, downloader_factory, prepare_root, remove_download
 
 LOGGER = logging.getLogger(__name__)
 
@@ -476,32 +475,6 @@ def _error_page(status: str, message: str, traceback: str, version: str) -> str:
     return json.dumps({"error": kind, "detail": message if code < 500 else "internal error"})
 
 
-def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downloader]:
-    """Make a :class:`Downloader` per job (each with its progress hook), sharing one session."""
-    session = requests.Session()
-    options = settings.request_options()  # a CA bundle, a client certificate (checked at start)
-
-    def make(progress: DownloadProgress) -> Downloader:
-        return Downloader(
-            None,
-            settings.cartd_url,
-            cart_timeout=settings.cart_timeout,
-            cart_timeout_per_file=settings.cart_timeout_per_file,
-            cart_timeout_rate=settings.cart_timeout_rate,
-            bundle=settings.bundle_choice(),
-            bundle_threshold=settings.bundle_threshold,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            progress=progress,
-            session=session,
-            auth=options,
-            # The worker records the cart in the outbox and deletes it after the job's end.
-            delete_cart=False,
-        )
-
-    return make
-
-
 def create_app(
     settings: Settings,
     store: JobStore | None = None,
@@ -526,13 +499,12 @@ def create_app(
     )
     make_downloader = make_downloader or downloader_factory(settings)
     worker: Worker | None = None
-    metrics = ServiceMetrics()
     if settings.workers > 0 and start_worker:
-        worker = Worker(store, make_downloader, settings, metrics)
-        metrics = ServiceMetrics({"owner": worker.owner, "role": "serve"})
-        worker.metrics = metrics
-        metrics.in_flight.set_function(worker.busy)
-    metrics.watch_store(store.stats)
+        worker = build_worker(store, settings, "serve", make_downloader)
+        metrics = worker.metrics
+    else:
+        metrics = ServiceMetrics()
+        metrics.watch_store(store.stats)
     if settings.notifications_url:
         metrics.watch_subscription(lambda: subscription.report(settings, store))
     service = Service(settings, store, make_downloader, metrics, worker)

@@ -15,15 +15,14 @@ import cherrypy
 import requests
 from cherrypy.process.plugins import Monitor
 
-from .app import create_app, downloader_factory
+from .app import create_app
 from .health import readiness, serve_health
 from .http import HEAD_LIMIT, HardenedServer
 from .logs import configure_json_logging
-from .metrics import ServiceMetrics
 from .settings import Settings
 from .store import default_owner, open_store
 from .subscription import SubscriptionGuard
-from .worker import Worker, prepare_root, release_free_memory
+from .worker import build_worker, prepare_root, release_free_memory
 
 LOGGER = logging.getLogger(__name__)
 TRIM_SECONDS = 20.0
@@ -113,10 +112,7 @@ def run_worker(settings: Settings) -> None:
     store = open_store(
         settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4
     )
-    worker = Worker(store, downloader_factory(settings), settings, ServiceMetrics())
-    worker.metrics = ServiceMetrics({"owner": worker.owner, "role": "worker"})
-    worker.metrics.in_flight.set_function(worker.busy)
-    worker.metrics.watch_store(store.stats)
+    worker = build_worker(store, settings, "worker")
     health = None
     if settings.health_port:
         session = requests.Session()

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
@@ -514,3 +516,48 @@ def _inside(path: str, root: str) -> bool:
     """Whether ``path`` is strictly below ``root`` (never remove anything else)."""
     real_root = os.path.realpath(root)
     return os.path.realpath(path).startswith(real_root + os.sep)
+
+
+def downloader_factory(settings: Settings) -> Callable[[DownloadProgress], Downloader]:
+    """Make a :class:`Downloader` per job (each with its progress hook), sharing one session."""
+    session = requests.Session()
+    options = settings.request_options()  # a CA bundle, a client certificate (checked at start)
+
+    def make(progress: DownloadProgress) -> Downloader:
+        return Downloader(
+            None,
+            settings.cartd_url,
+            cart_timeout=settings.cart_timeout,
+            cart_timeout_per_file=settings.cart_timeout_per_file,
+            cart_timeout_rate=settings.cart_timeout_rate,
+            bundle=settings.bundle_choice(),
+            bundle_threshold=settings.bundle_threshold,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            progress=progress,
+            session=session,
+            auth=options,
+            # The worker records the cart in the outbox and deletes it after the job's end.
+            delete_cart=False,
+        )
+
+    return make
+
+
+def build_worker(
+    store: JobStore,
+    settings: Settings,
+    role: str,
+    make_downloader: Callable[[DownloadProgress], Downloader] | None = None,
+) -> Worker:
+    """A worker and its metrics, made together (``serve`` and ``worker`` both build them here).
+
+    The metrics are labelled with the worker's lease owner and ``role``, count its busy
+    download threads and report the store's jobs.
+    """
+    owner = default_owner()
+    metrics = ServiceMetrics({"owner": owner, "role": role})
+    worker = Worker(store, make_downloader or downloader_factory(settings), settings, metrics, owner=owner)
+    metrics.in_flight.set_function(worker.busy)
+    metrics.watch_store(store.stats)
+    return worker
