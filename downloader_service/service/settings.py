@@ -51,353 +51,245 @@ STATE_DIR_NAME: Final = "pacifica-downloader"
 DATABASE_FILE: Final = "jobs.sqlite3"
 
 
+def setting(default: Any, env: str, help: str) -> Any:
+    """A field of :class:`Settings`: its default, its environment variable and what it means.
+
+    Parsing and validation come from the field's type and ``_RANGES`` (``__post_init__``),
+    so a ``Settings(...)`` built in code is checked as one read from the environment is.
+    """
+    return field(default=default, metadata={"env": env, "help": help})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service can be told. Field metadata names the environment variable."""
 
-    host: str = field(
-        default=DEFAULT_HOST, metadata={"env": "DOWNLOADER_HOST", "help": "address to listen on"}
+    host: str = setting(DEFAULT_HOST, "DOWNLOADER_HOST", "address to listen on")
+    port: int = setting(DEFAULT_PORT, "DOWNLOADER_PORT", "port to listen on")
+    cartd_url: str = setting(DEFAULT_CART_API_URL, "CARTD_URL", "Cartd's cart API URL")
+    state_dir: str = setting(
+        "",
+        "DOWNLOADER_STATE_DIR",
+        "where the job database and downloads live (default: $STATE_DIRECTORY, else "
+        "$XDG_STATE_HOME/pacifica-downloader, else ~/.local/state/pacifica-downloader)",
     )
-    port: int = field(default=DEFAULT_PORT, metadata={"env": "DOWNLOADER_PORT", "help": "port to listen on"})
-    cartd_url: str = field(
-        default=DEFAULT_CART_API_URL, metadata={"env": "CARTD_URL", "help": "Cartd's cart API URL"}
+    download_root: str = setting(
+        "",
+        "DOWNLOADER_ROOT",
+        "where per-event download directories are made (default: <state dir>/downloads)",
     )
-    state_dir: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_STATE_DIR",
-            "help": "where the job database and downloads live (default: $STATE_DIRECTORY, else "
-            "$XDG_STATE_HOME/pacifica-downloader, else ~/.local/state/pacifica-downloader)",
-        },
+    database_url: str = setting(
+        "",
+        "DOWNLOADER_DATABASE_URL",
+        "the job store: postgresql://user:pw@host/db, or sqlite:///path "
+        "(default: SQLite <state dir>/jobs.sqlite3)",
     )
-    download_root: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_ROOT",
-            "help": "where per-event download directories are made (default: <state dir>/downloads)",
-        },
+    db_upgrade: bool = setting(
+        True, "DOWNLOADER_DB_UPGRADE", "bring the job store's schema up to date at start (else only check it)"
     )
-    database_url: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_DATABASE_URL",
-            "help": "the job store: postgresql://user:pw@host/db, or sqlite:///path "
-            "(default: SQLite <state dir>/jobs.sqlite3)",
-        },
+    event_types: tuple[str, ...] = setting(
+        DEFAULT_EVENT_TYPES, "DOWNLOADER_EVENT_TYPES", "comma-separated event types accepted"
     )
-    db_upgrade: bool = field(
-        default=True,
-        metadata={
-            "env": "DOWNLOADER_DB_UPGRADE",
-            "help": "bring the job store's schema up to date at start (else only check it)",
-        },
+    strict: bool = setting(
+        False,
+        "DOWNLOADER_STRICT",
+        "answer events that can never be downloaded 4xx, and final failures with their "
+        "error status (default: record them as rejected/failed jobs and answer 2xx)",
     )
-    event_types: tuple[str, ...] = field(
-        default=DEFAULT_EVENT_TYPES,
-        metadata={"env": "DOWNLOADER_EVENT_TYPES", "help": "comma-separated event types accepted"},
+    token: str = setting(
+        "", "DOWNLOADER_TOKEN", "bearer token the sender (Notifications) must send on POST / (empty: none)"
     )
-    strict: bool = field(
-        default=False,
-        metadata={
-            "env": "DOWNLOADER_STRICT",
-            "help": "answer events that can never be downloaded 4xx, and final failures with their "
-            "error status (default: record them as rejected/failed jobs and answer 2xx)",
-        },
+    basic_auth: str = setting(
+        "",
+        "DOWNLOADER_BASIC_AUTH",
+        "user:password the sender must send as HTTP basic auth on POST / (empty: none)",
     )
-    token: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_TOKEN",
-            "help": "bearer token the sender (Notifications) must send on POST / (empty: none)",
-        },
+    admin_token: str = setting(
+        "",
+        "DOWNLOADER_ADMIN_TOKEN",
+        "bearer token of operators: /jobs, retry, delete, the jobs page (none set: "
+        "those answer only this host)",
     )
-    basic_auth: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_BASIC_AUTH",
-            "help": "user:password the sender must send as HTTP basic auth on POST / (empty: none)",
-        },
+    admin_basic_auth: str = setting(
+        "",
+        "DOWNLOADER_ADMIN_BASIC_AUTH",
+        "user:password of operators, as HTTP basic auth (the jobs page in a browser)",
     )
-    admin_token: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_ADMIN_TOKEN",
-            "help": "bearer token of operators: /jobs, retry, delete, the jobs page (none set: "
-            "those answer only this host)",
-        },
+    max_body_bytes: int = setting(
+        DEFAULT_MAX_BODY_BYTES, "DOWNLOADER_MAX_BODY_BYTES", "largest request body accepted (413 above)"
     )
-    admin_basic_auth: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_ADMIN_BASIC_AUTH",
-            "help": "user:password of operators, as HTTP basic auth (the jobs page in a browser)",
-        },
+    workers: int = setting(
+        DEFAULT_WORKERS, "DOWNLOADER_WORKERS", "downloads run at once by this process (0: intake only)"
     )
-    max_body_bytes: int = field(
-        default=DEFAULT_MAX_BODY_BYTES,
-        metadata={"env": "DOWNLOADER_MAX_BODY_BYTES", "help": "largest request body accepted (413 above)"},
+    http_threads: int = setting(DEFAULT_HTTP_THREADS, "DOWNLOADER_HTTP_THREADS", "requests served at once")
+    request_timeout: float = setting(
+        DEFAULT_REQUEST_TIMEOUT,
+        "DOWNLOADER_REQUEST_TIMEOUT",
+        "seconds a client has to send a whole request, head and body, from its first byte (408 after)",
     )
-    workers: int = field(
-        default=DEFAULT_WORKERS,
-        metadata={
-            "env": "DOWNLOADER_WORKERS",
-            "help": "downloads run at once by this process (0: intake only)",
-        },
+    idle_timeout: float = setting(
+        DEFAULT_IDLE_TIMEOUT,
+        "DOWNLOADER_IDLE_TIMEOUT",
+        "seconds a connection may stay silent: before its request, within it, or kept alive",
     )
-    http_threads: int = field(
-        default=DEFAULT_HTTP_THREADS,
-        metadata={"env": "DOWNLOADER_HTTP_THREADS", "help": "requests served at once"},
+    max_queued: int = setting(
+        0, "DOWNLOADER_MAX_QUEUED", "queued jobs before new events get 429 (0: no cap, the disk is the limit)"
     )
-    request_timeout: float = field(
-        default=DEFAULT_REQUEST_TIMEOUT,
-        metadata={
-            "env": "DOWNLOADER_REQUEST_TIMEOUT",
-            "help": "seconds a client has to send a whole request, head and body, from its first byte "
-            "(408 after)",
-        },
+    respond_async: bool = setting(
+        False, "DOWNLOADER_ASYNC", "answer every POST 202 + status_url (else only with Prefer: respond-async)"
     )
-    idle_timeout: float = field(
-        default=DEFAULT_IDLE_TIMEOUT,
-        metadata={
-            "env": "DOWNLOADER_IDLE_TIMEOUT",
-            "help": "seconds a connection may stay silent: before its request, within it, or kept alive",
-        },
+    sync_wait: float = setting(
+        DEFAULT_SYNC_WAIT,
+        "DOWNLOADER_SYNC_WAIT",
+        "seconds a synchronous POST waits for its download before answering 202",
     )
-    max_queued: int = field(
-        default=0,
-        metadata={
-            "env": "DOWNLOADER_MAX_QUEUED",
-            "help": "queued jobs before new events get 429 (0: no cap, the disk is the limit)",
-        },
+    retry_after: int = setting(
+        DEFAULT_RETRY_AFTER, "DOWNLOADER_RETRY_AFTER", "Retry-After seconds on 429 and 503"
     )
-    respond_async: bool = field(
-        default=False,
-        metadata={
-            "env": "DOWNLOADER_ASYNC",
-            "help": "answer every POST 202 + status_url (else only with Prefer: respond-async)",
-        },
+    retry_base: float = setting(
+        DEFAULT_RETRY_BASE, "DOWNLOADER_RETRY_BASE", "seconds before the first retry of a failed download"
     )
-    sync_wait: float = field(
-        default=DEFAULT_SYNC_WAIT,
-        metadata={
-            "env": "DOWNLOADER_SYNC_WAIT",
-            "help": "seconds a synchronous POST waits for its download before answering 202",
-        },
+    retry_max_delay: float = setting(
+        DEFAULT_RETRY_MAX_DELAY, "DOWNLOADER_RETRY_MAX_DELAY", "longest pause between two retries"
     )
-    retry_after: int = field(
-        default=DEFAULT_RETRY_AFTER,
-        metadata={"env": "DOWNLOADER_RETRY_AFTER", "help": "Retry-After seconds on 429 and 503"},
+    retry_window: float = setting(
+        DEFAULT_RETRY_WINDOW,
+        "DOWNLOADER_RETRY_WINDOW",
+        "seconds after its arrival that a job is retried before it fails for good",
     )
-    retry_base: float = field(
-        default=DEFAULT_RETRY_BASE,
-        metadata={
-            "env": "DOWNLOADER_RETRY_BASE",
-            "help": "seconds before the first retry of a failed download",
-        },
+    lease_seconds: float = setting(
+        DEFAULT_LEASE_SECONDS,
+        "DOWNLOADER_LEASE_SECONDS",
+        "a running job's lease; a job whose worker died is taken over when it runs out",
     )
-    retry_max_delay: float = field(
-        default=DEFAULT_RETRY_MAX_DELAY,
-        metadata={"env": "DOWNLOADER_RETRY_MAX_DELAY", "help": "longest pause between two retries"},
+    shutdown_grace: float = setting(
+        DEFAULT_SHUTDOWN_GRACE,
+        "DOWNLOADER_SHUTDOWN_GRACE",
+        "seconds running downloads may finish after SIGTERM before they are handed back",
     )
-    retry_window: float = field(
-        default=DEFAULT_RETRY_WINDOW,
-        metadata={
-            "env": "DOWNLOADER_RETRY_WINDOW",
-            "help": "seconds after its arrival that a job is retried before it fails for good",
-        },
+    poll_interval: float = setting(
+        DEFAULT_POLL_INTERVAL, "DOWNLOADER_POLL_INTERVAL", "seconds an idle worker waits between looks"
     )
-    lease_seconds: float = field(
-        default=DEFAULT_LEASE_SECONDS,
-        metadata={
-            "env": "DOWNLOADER_LEASE_SECONDS",
-            "help": "a running job's lease; a job whose worker died is taken over when it runs out",
-        },
+    retention: float = setting(
+        0.0,
+        "DOWNLOADER_RETENTION",
+        "seconds a finished job's download is kept before it is removed (0: for ever)",
     )
-    shutdown_grace: float = field(
-        default=DEFAULT_SHUTDOWN_GRACE,
-        metadata={
-            "env": "DOWNLOADER_SHUTDOWN_GRACE",
-            "help": "seconds running downloads may finish after SIGTERM before they are handed back",
-        },
+    allowed_origins: tuple[str, ...] = setting(
+        DEFAULT_ALLOWED_ORIGINS,
+        "DOWNLOADER_ALLOWED_ORIGINS",
+        "webhook origins allowed (comma-separated, * = all)",
     )
-    poll_interval: float = field(
-        default=DEFAULT_POLL_INTERVAL,
-        metadata={"env": "DOWNLOADER_POLL_INTERVAL", "help": "seconds an idle worker waits between looks"},
+    event_sink: str = setting(
+        "",
+        "DOWNLOADER_EVENT_SINK",
+        "where a CloudEvent goes when a job ends (empty: $K_SINK, the Knative convention; else none)",
     )
-    retention: float = field(
-        default=0.0,
-        metadata={
-            "env": "DOWNLOADER_RETENTION",
-            "help": "seconds a finished job's download is kept before it is removed (0: for ever)",
-        },
+    public_url: str = setting(
+        "",
+        "DOWNLOADER_PUBLIC_URL",
+        "the service's URL as clients reach it, for status_url and Location "
+        "(empty: from the request, which a sender's Host header decides)",
     )
-    allowed_origins: tuple[str, ...] = field(
-        default=DEFAULT_ALLOWED_ORIGINS,
-        metadata={
-            "env": "DOWNLOADER_ALLOWED_ORIGINS",
-            "help": "webhook origins allowed (comma-separated, * = all)",
-        },
+    notifications_url: str = setting(
+        "",
+        "DOWNLOADER_NOTIFICATIONS_URL",
+        "Pacifica Notifications' REST base (e.g. http://notifications:8070): `serve` then "
+        "owns its subscription, re-enables it and records gaps (empty: no subscription guard)",
     )
-    event_sink: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_EVENT_SINK",
-            "help": "where a CloudEvent goes when a job ends (empty: $K_SINK, the Knative "
-            "convention; else none)",
-        },
+    notifications_user: str = setting(
+        "",
+        "DOWNLOADER_NOTIFICATIONS_USER",
+        "the Notifications user who owns the subscription (needed with DOWNLOADER_NOTIFICATIONS_URL)",
     )
-    public_url: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_PUBLIC_URL",
-            "help": "the service's URL as clients reach it, for status_url and Location "
-            "(empty: from the request, which a sender's Host header decides)",
-        },
+    notifications_user_header: str = setting(
+        DEFAULT_USER_HEADER,
+        "DOWNLOADER_NOTIFICATIONS_USER_HEADER",
+        "the header Notifications reads its user from (its user_header setting)",
     )
-    notifications_url: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_NOTIFICATIONS_URL",
-            "help": "Pacifica Notifications' REST base (e.g. http://notifications:8070): `serve` then "
-            "owns its subscription, re-enables it and records gaps (empty: no subscription guard)",
-        },
+    subscription_jsonpath: str = setting(
+        DEFAULT_SUBSCRIPTION_JSONPATH,
+        "DOWNLOADER_SUBSCRIPTION_JSONPATH",
+        "the subscription's JSONPath rule: which events Notifications routes here",
     )
-    notifications_user: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_NOTIFICATIONS_USER",
-            "help": "the Notifications user who owns the subscription (needed with "
-            "DOWNLOADER_NOTIFICATIONS_URL)",
-        },
+    subscription_name: str = setting(
+        DEFAULT_SUBSCRIPTION_NAME, "DOWNLOADER_SUBSCRIPTION_NAME", "the subscription's name"
     )
-    notifications_user_header: str = field(
-        default=DEFAULT_USER_HEADER,
-        metadata={
-            "env": "DOWNLOADER_NOTIFICATIONS_USER_HEADER",
-            "help": "the header Notifications reads its user from (its user_header setting)",
-        },
+    subscription_check: float = setting(
+        DEFAULT_SUBSCRIPTION_CHECK,
+        "DOWNLOADER_SUBSCRIPTION_CHECK",
+        "seconds between two checks of the subscription by `serve`",
     )
-    subscription_jsonpath: str = field(
-        default=DEFAULT_SUBSCRIPTION_JSONPATH,
-        metadata={
-            "env": "DOWNLOADER_SUBSCRIPTION_JSONPATH",
-            "help": "the subscription's JSONPath rule: which events Notifications routes here",
-        },
+    layout: str = setting(
+        DEFAULT_LAYOUT,
+        "DOWNLOADER_LAYOUT",
+        "each download's directory under the root, from {event_id} {source} {job} "
+        "{transaction} {proposal} {instrument} {submitter} {date}; / makes subdirectories",
     )
-    subscription_name: str = field(
-        default=DEFAULT_SUBSCRIPTION_NAME,
-        metadata={"env": "DOWNLOADER_SUBSCRIPTION_NAME", "help": "the subscription's name"},
+    umask: str = setting(
+        "022",
+        "DOWNLOADER_UMASK",
+        "octal umask of finished downloads (022: others may read, 027: the group only)",
     )
-    subscription_check: float = field(
-        default=DEFAULT_SUBSCRIPTION_CHECK,
-        metadata={
-            "env": "DOWNLOADER_SUBSCRIPTION_CHECK",
-            "help": "seconds between two checks of the subscription by `serve`",
-        },
+    filename: str = setting(
+        DEFAULT_FILENAME, "DOWNLOADER_FILENAME", "directory inside download_path holding the files"
     )
-    layout: str = field(
-        default=DEFAULT_LAYOUT,
-        metadata={
-            "env": "DOWNLOADER_LAYOUT",
-            "help": "each download's directory under the root, from {event_id} {source} {job} "
-            "{transaction} {proposal} {instrument} {submitter} {date}; / makes subdirectories",
-        },
+    cart_timeout: float = setting(
+        DEFAULT_CART_TIMEOUT,
+        "DOWNLOADER_CART_TIMEOUT",
+        "seconds to wait for Cartd to stage a cart, before the allowances per file and byte",
     )
-    umask: str = field(
-        default="022",
-        metadata={
-            "env": "DOWNLOADER_UMASK",
-            "help": "octal umask of finished downloads (022: others may read, 027: the group only)",
-        },
+    cart_timeout_per_file: float = setting(
+        DEFAULT_TIMEOUT_PER_FILE,
+        "DOWNLOADER_CART_TIMEOUT_PER_FILE",
+        "seconds added to the staging wait for each file of the cart",
     )
-    filename: str = field(
-        default=DEFAULT_FILENAME,
-        metadata={"env": "DOWNLOADER_FILENAME", "help": "directory inside download_path holding the files"},
+    cart_timeout_rate: float = setting(
+        DEFAULT_TIMEOUT_RATE,
+        "DOWNLOADER_CART_TIMEOUT_RATE",
+        "bytes a second of the files' size added to the staging wait (0: none)",
     )
-    cart_timeout: float = field(
-        default=DEFAULT_CART_TIMEOUT,
-        metadata={
-            "env": "DOWNLOADER_CART_TIMEOUT",
-            "help": "seconds to wait for Cartd to stage a cart, before the allowances per file and byte",
-        },
+    bundle: str = setting(
+        "auto",
+        "DOWNLOADER_BUNDLE",
+        "ask Cartd for bundled carts (served as a file, resumable): auto (from "
+        "DOWNLOADER_BUNDLE_THRESHOLD bytes), true or false",
     )
-    cart_timeout_per_file: float = field(
-        default=DEFAULT_TIMEOUT_PER_FILE,
-        metadata={
-            "env": "DOWNLOADER_CART_TIMEOUT_PER_FILE",
-            "help": "seconds added to the staging wait for each file of the cart",
-        },
+    bundle_threshold: int = setting(
+        DEFAULT_BUNDLE_THRESHOLD,
+        "DOWNLOADER_BUNDLE_THRESHOLD",
+        "total size of an event's files from which auto asks for a bundle",
     )
-    cart_timeout_rate: float = field(
-        default=DEFAULT_TIMEOUT_RATE,
-        metadata={
-            "env": "DOWNLOADER_CART_TIMEOUT_RATE",
-            "help": "bytes a second of the files' size added to the staging wait (0: none)",
-        },
+    connect_timeout: float = setting(
+        DEFAULT_CONNECT_TIMEOUT, "CARTD_CONNECT_TIMEOUT", "seconds to connect to Cartd"
     )
-    bundle: str = field(
-        default="auto",
-        metadata={
-            "env": "DOWNLOADER_BUNDLE",
-            "help": "ask Cartd for bundled carts (served as a file, resumable): auto (from "
-            "DOWNLOADER_BUNDLE_THRESHOLD bytes), true or false",
-        },
+    read_timeout: float = setting(
+        DEFAULT_READ_TIMEOUT, "CARTD_READ_TIMEOUT", "seconds Cartd may stay silent mid-answer"
     )
-    bundle_threshold: int = field(
-        default=DEFAULT_BUNDLE_THRESHOLD,
-        metadata={
-            "env": "DOWNLOADER_BUNDLE_THRESHOLD",
-            "help": "total size of an event's files from which auto asks for a bundle",
-        },
+    ca_bundle: str = setting(
+        "",
+        "DOWNLOADER_CA_BUNDLE",
+        "CA file (or c_rehash directory) trusted for https:// Cartd and Policy instead of the "
+        "system's (empty: the system's)",
     )
-    connect_timeout: float = field(
-        default=DEFAULT_CONNECT_TIMEOUT,
-        metadata={"env": "CARTD_CONNECT_TIMEOUT", "help": "seconds to connect to Cartd"},
+    client_cert: str = setting(
+        "",
+        "DOWNLOADER_CLIENT_CERT",
+        "PEM client certificate sent to Cartd and Policy (mutual TLS); with its key unless "
+        "DOWNLOADER_CLIENT_KEY names the key's file",
     )
-    read_timeout: float = field(
-        default=DEFAULT_READ_TIMEOUT,
-        metadata={"env": "CARTD_READ_TIMEOUT", "help": "seconds Cartd may stay silent mid-answer"},
+    client_key: str = setting(
+        "", "DOWNLOADER_CLIENT_KEY", "the unencrypted PEM key of DOWNLOADER_CLIENT_CERT"
     )
-    ca_bundle: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_CA_BUNDLE",
-            "help": "CA file (or c_rehash directory) trusted for https:// Cartd and Policy instead of the "
-            "system's (empty: the system's)",
-        },
+    health_port: int = setting(
+        0, "DOWNLOADER_HEALTH_PORT", "port of `worker`'s /health/live, /health/ready and /metrics (0: none)"
     )
-    client_cert: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_CLIENT_CERT",
-            "help": "PEM client certificate sent to Cartd and Policy (mutual TLS); with its key unless "
-            "DOWNLOADER_CLIENT_KEY names the key's file",
-        },
+    min_free_bytes: int = setting(
+        DEFAULT_MIN_FREE_BYTES,
+        "DOWNLOADER_MIN_FREE_BYTES",
+        "free bytes under the download root below which /health/ready fails",
     )
-    client_key: str = field(
-        default="",
-        metadata={
-            "env": "DOWNLOADER_CLIENT_KEY",
-            "help": "the unencrypted PEM key of DOWNLOADER_CLIENT_CERT",
-        },
-    )
-    health_port: int = field(
-        default=0,
-        metadata={
-            "env": "DOWNLOADER_HEALTH_PORT",
-            "help": "port of `worker`'s /health/live, /health/ready and /metrics (0: none)",
-        },
-    )
-    min_free_bytes: int = field(
-        default=DEFAULT_MIN_FREE_BYTES,
-        metadata={
-            "env": "DOWNLOADER_MIN_FREE_BYTES",
-            "help": "free bytes under the download root below which /health/ready fails",
-        },
-    )
-    log_level: str = field(
-        default="INFO", metadata={"env": "DOWNLOADER_LOG_LEVEL", "help": "DEBUG, INFO, WARNING or ERROR"}
-    )
+    log_level: str = setting("INFO", "DOWNLOADER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
 
     def __post_init__(self) -> None:
         # Checked here, so a Settings built in code is held to the same ranges as the environment.
