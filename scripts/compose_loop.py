@@ -11,6 +11,7 @@ Compose implementation (``podman-compose``) with the repository's ``docker-compo
    and posts ingest events to **Notifications' ``/receive``** as Pacifica's metadata service
    does; Notifications routes them to the downloader through the subscription it owns;
 3. checks, one line each (``check: <name>: ok|FAILED — <detail>``):
+   - ``docs example``: the docs' "Post a test event" commands, run as written;
    - ``verified``: the files are in the ``downloads`` volume with their checksums, owned by
      uid 10001, with ``notification.json`` and ``metadata.json``;
    - ``scale``: three workers each did some of the jobs, none twice;
@@ -120,7 +121,7 @@ class Loop:
         self.command = [*compose, "-p", project, *(arg for f in files for arg in ("-f", str(f)))]
         self.spec = yaml.safe_load((REPO / "docker-compose.yml").read_text(encoding="utf-8"))
         self.logfile = logfile
-        # Above the ids README's sample uses (1001-1003): both are stored in one archive.
+        # Above the ids the docs' sample uses (1001-1003): both are stored in one archive.
         self.next_file_id = 100_000
         self.run_tag = time.strftime("%H%M%S")
         self.samples: dict[str, Sample] = {}
@@ -217,11 +218,11 @@ class Loop:
         return result
 
     def down(self, *args: str) -> None:
-        """`compose down`, after removing the replicas of scaled services (README says why).
+        """`compose down`, after removing the replicas of scaled services (docs/operations.md says why).
 
         podman-compose 1.6 removes only the first replica of a scaled service; the others
         keep the containers they depend on, and so the network, the pod and the volumes,
-        from being removed. The workaround README gives podman-compose users: remove the
+        from being removed. The workaround docs/operations.md gives podman-compose users: remove the
         service's containers first (`podman rm -f -t <grace>`), then `down`.
         """
         for entry in self.containers():
@@ -396,16 +397,16 @@ class Loop:
 
 
 # ---------------------------------------------------------------------- the checks
-def readme_blocks(after: str, count: int) -> list[str]:
-    """The first ``count`` ```sh blocks of README.md after the line containing ``after``."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def doc_blocks(after: str, count: int) -> list[str]:
+    """The first ``count`` ```sh blocks of docs/operations.md after the line containing ``after``."""
+    text = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     start = text.index(after)
     return re.findall(r"```sh\n(.*?)```", text[start:], re.S)[:count]
 
 
-def check_readme_example(loop: Loop) -> str:
-    """README's "Post a test event" commands, as written, with this compose command."""
-    store, send = readme_blocks("**Post a test event.**", 2)
+def check_docs_example(loop: Loop) -> str:
+    """The docs' "Post a test event" commands (docs/operations.md), as written, with this compose command."""
+    store, send = doc_blocks("**Post a test event.**", 2)
     script = (store + send).replace("docker compose", shlex.join(loop.command))
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
@@ -417,13 +418,13 @@ def check_readme_example(loop: Loop) -> str:
         check=False,
     )
     if done.returncode != 0:
-        raise CheckFailed(f"README's commands exited {done.returncode}: {done.stderr[-600:]}")
+        raise CheckFailed(f"the docs' commands exited {done.returncode}: {done.stderr[-600:]}")
     event = json.loads((REPO / "examples" / "notifications-event-0.1.json").read_text(encoding="utf-8"))
     files = [o for o in event["data"] if o.get("destinationTable") == "Files"]
     sample = Sample(event, {f"{o['subdir']}/{o['name']}".lstrip("/"): o["hashsum"] for o in files})
     loop.samples[sample.event_id] = sample
-    jobs = wait("README's sample event downloaded", lambda: loop.done([sample]), 180, 1.0)
-    return "README's commands ran as written; " + loop.verify_on_disk(jobs)
+    jobs = wait("the docs' sample event downloaded", lambda: loop.done([sample]), 180, 1.0)
+    return "the docs' commands ran as written; " + loop.verify_on_disk(jobs)
 
 
 def check_verified(loop: Loop) -> str:
@@ -535,7 +536,7 @@ def check_restart(loop: Loop) -> str:
 
     gap = wait("the gap recorded, with its replay command", closed_gaps, 60, 0.5)[0]
     command = str(gap["replay"])
-    # The documented runbook (README: "The replay runbook"), this compose command for
+    # The documented runbook (docs/operations.md: "The replay runbook"), this compose command for
     # `docker compose`.
     compose = shlex.join(loop.command)
     if command.startswith("docker compose "):
@@ -699,7 +700,7 @@ def main() -> int:
             results.append(("up", False, str(exc)))
             up_ok = False
         if up_ok:
-            check("readme example", lambda: check_readme_example(loop))
+            check("docs example", lambda: check_docs_example(loop))
             check("verified", lambda: check_verified(loop))
             check("scale", lambda: check_scale(loop))
             check("worker killed", lambda: check_worker_killed(loop))

@@ -1,4 +1,4 @@
-"""README's run command and examples, as written: the demo stack and the example requests."""
+"""The demo (README's run command) and the example requests of docs/service.md, as written."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ EXAMPLES = REPO / "examples"
 
 
 def readme_examples() -> list[str]:
-    """The shell commands of README's "Examples" block, continuation lines joined."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    block = readme.split("### Examples", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    """The shell commands of docs/service.md's "Examples" block, continuation lines joined."""
+    doc = (REPO / "docs" / "service.md").read_text(encoding="utf-8")
+    block = doc.split("## Examples", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     joined = block.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")]
 

@@ -3,7 +3,7 @@
 Every scenario subscribes the served ``downloader-service serve`` to the real
 pacifica-notifications 0.5.2 (a rule of its own, so no other test's events reach it), has
 Notifications post events whose files are stored in the real archive, waits (bounded) until
-the service's ``/jobs`` say every valid event is done, and then checks what README's "Nothing
+the service's ``/jobs`` say every valid event is done, and then checks what docs/design.md's "Nothing
 accepted is lost" promises: every valid event's files on disk and verified, in exactly one
 ``event-*`` directory, nothing else under the download root (no ``.part-*`` staging, no
 directory of a failed or killed attempt), and a subscription that is still enabled with a 2xx

@@ -42,7 +42,7 @@ DEFAULT_POLICY_URL = "http://127.0.0.1:8181"
 # How long the command waits for Cartd to delete the cart once the result is out.
 DELETE_WAIT = 30.0
 
-# Exit codes, documented in README and --help. The first matching class wins.
+# Exit codes, documented in docs/operations.md and --help. The first matching class wins.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 EXIT_INVALID, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 3, 4, 5
 EXIT_UNSAFE, EXIT_INTEGRITY, EXIT_INTERRUPTED, EXIT_STORAGE = 6, 7, 8, 9
