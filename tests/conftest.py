@@ -1,4 +1,12 @@
-"""Shared fixtures: the fake Cartd, event builders and the real Pacifica stack."""
+"""Shared fixtures: the fake Cartd, the WSGI client, served processes, and the real stacks.
+
+The tests are in tiers: ``tests/unit`` needs no service (``pytest tests/unit``, under a
+minute), ``tests/integration`` the real Cartd, Notifications, PostgreSQL, nginx or processes
+the suite starts, ``tests/system`` the whole-system runs (chaos, soak, deployment files, the
+browser). Tests in the last two are marked ``integration`` or ``system`` by directory, so
+``-m "not integration and not system"`` selects the unit tier too. The real stacks are
+imported (``devstack``) only when a test asks for one.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +20,32 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 from werkzeug.test import Client
 
-from devstack.notifications import NotificationsStack
-from devstack.pacifica import PacificaStack
-from devstack.postgres import PostgresServer
 from downloader_service.service.app import create_app
 from downloader_service.service.settings import settings_from_env
 from tests.fakecartd import FakeCartd
+
+if TYPE_CHECKING:
+    from devstack.notifications import NotificationsStack
+    from devstack.pacifica import PacificaStack
+    from devstack.postgres import PostgresServer
+
+TIERS = ("integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test of ``tests/integration`` and ``tests/system`` with its tier."""
+    for item in items:
+        parts = item.path.parts
+        for tier in TIERS:
+            if tier in parts and parts[parts.index(tier) - 1] == "tests":
+                item.add_marker(getattr(pytest.mark, tier))
+
 
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -87,6 +109,8 @@ def pacifica_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacific
     ``scripts/test`` installs them into ``.venv-pacifica`` (or ``$PACIFICA_VENV``); without
     that venv the integration tests fail, they do not skip: CI must exercise them.
     """
+    from devstack.pacifica import PacificaStack
+
     venv = Path(os.environ.get("PACIFICA_VENV", REPO / ".venv-pacifica"))
     if not (venv / "bin" / "pacifica-cartd").exists():
         pytest.fail(f"no Pacifica stack in {venv}: run scripts/install-pacifica-stack.sh (scripts/test does)")
@@ -150,6 +174,8 @@ def served(
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
     """A real PostgreSQL server on 127.0.0.1 (scripts/install-postgres.sh installs it)."""
+    from devstack.postgres import PostgresServer
+
     server = PostgresServer(tmp_path_factory.mktemp("postgres"))
     server.start(timeout=60)
     yield server
@@ -161,6 +187,8 @@ def notifications_stack(
     tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
 ) -> Iterator[NotificationsStack]:
     """The real pacifica-notifications 0.5.2 (REST server + Celery worker) on a fresh database."""
+    from devstack.notifications import NotificationsStack
+
     venv = Path(os.environ.get("PACIFICA_VENV", REPO / ".venv-pacifica"))
     if not (venv / "bin" / "pacifica-notifications").exists():
         pytest.fail(f"no pacifica-notifications in {venv}: run scripts/install-pacifica-stack.sh")

@@ -30,7 +30,7 @@ from downloader_service.service.settings import describe, settings_from_env
 from tests.conftest import SCRIPT, free_port
 from tests.events import file_obj, make_event
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KNOWN = {row[0] for row in describe()}
 
 

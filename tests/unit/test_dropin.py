@@ -26,7 +26,7 @@ from downloader_service import (
 from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd, Member, build_tar, sha1
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FOO = b"The data for file 1100.\n"
 BAR = "bar\u00e9\n".encode()
 

@@ -207,7 +207,7 @@ def test_files_shortens_a_huge_id_and_event_id_in_messages() -> None:
 
 # -- CloudEvent.loads: a large event parsed lean ------------------------------------------
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "notifications-event-0.1.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "notifications-event-0.1.json"
 
 
 def test_loads_gives_the_same_files_and_keeps_everything_but_files_objects_as_is() -> None:

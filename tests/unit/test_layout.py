@@ -8,7 +8,7 @@ import pytest
 from downloader_service.service.jobs import Job
 from downloader_service.service.layout import check_layout, render, transaction_metadata
 
-FIXTURE = Path(__file__).parent / "fixtures" / "notifications-event-0.1.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "notifications-event-0.1.json"
 
 
 def job(event: dict[str, object], event_id: str = "C234-1234-1234") -> Job:

@@ -557,7 +557,7 @@ def test_extract_cart_hostile_header_records_leave_peak_memory_flat(kind: str) -
     # Peak RSS belongs to a process, so it is measured in a fresh one (was +192 and +48 MiB).
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, kind],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         check=True,

@@ -24,7 +24,7 @@ from tests.conftest import LocalClient, free_port
 from tests.events import file_obj, make_event
 from tests.fakecartd import FakeCartd
 
-RECEIVER = Path(__file__).parent / "cloudevents_receiver"
+RECEIVER = Path(__file__).resolve().parents[1] / "cloudevents_receiver"
 DATA = b"completion events\n" * 50
 JSON = {"Content-Type": "application/json"}
 
