@@ -201,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from ..service.server import run_worker
+    from ..service.worker import run_worker  # no CherryPy: a worker process serves no HTTP
 
     settings = _settings(args)
     if settings is None:

@@ -1,28 +1,25 @@
-"""Run the service as a process: the webhook on CherryPy's HTTP server, or workers alone.
+"""Run the webhook as a process: CherryPy's HTTP server, its workers and the subscription guard.
 
-The one place global state (logging, signal handlers, CherryPy's engine) is set up.
+Global state (logging, signal handlers, CherryPy's engine) is set up here, and for a worker
+process alone in :func:`.worker.run_worker`, which imports no HTTP framework.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import signal
 import socket
-import threading
 
 import cherrypy
-import requests
 from cherrypy.process.plugins import Monitor
 
 from .app import create_app
-from .health import readiness, serve_health
 from .http import HEAD_LIMIT, HardenedServer
 from .logs import configure_json_logging
 from .settings import Settings
-from .store import default_owner, open_store
+from .store import default_owner
 from .subscription import SubscriptionGuard
-from .worker import build_worker, prepare_root, release_free_memory
+from .worker import release_free_memory
 
 LOGGER = logging.getLogger(__name__)
 TRIM_SECONDS = 20.0
@@ -103,41 +100,3 @@ def check_listen(host: str, port: int) -> None:
         except OSError as exc:
             why = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc)).lower()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {why}") from exc
-
-
-def run_worker(settings: Settings) -> None:
-    """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
-    configure_json_logging(settings.log_level)
-    prepare_root(settings.root())  # before the store: a refused start touches nothing
-    store = open_store(
-        settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4
-    )
-    worker = build_worker(store, settings, "worker")
-    health = None
-    if settings.health_port:
-        session = requests.Session()
-        health = serve_health(
-            settings, settings.health_port, lambda: readiness(settings, store, session), worker.metrics
-        )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: stop.set())
-    try:
-        worker.start()
-        LOGGER.info(
-            "working",
-            extra={
-                "owner": worker.owner,
-                "workers": settings.workers,
-                "cartd_url": settings.cartd_url,
-                "download_root": settings.root(),
-                "store": store.describe(),
-            },
-        )
-        stop.wait()
-        LOGGER.info("stopping", extra={"grace": settings.shutdown_grace, "running": worker.busy()})
-        worker.stop(settings.shutdown_grace)
-    finally:
-        if health is not None:
-            health.shutdown()
-        store.close()

@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -38,12 +39,14 @@ from ..downloader import Downloader, DownloadResult
 from ..errors import LocalStorageError
 from ..progress import DownloadProgress
 from .events import Deliverer, cart_deletion, completion_notice
+from .health import readiness, serve_health
 from .jobs import ErrorKind, Job, JobError, WorkerDiedError
 from .layout import apply_umask, render, write_beside
+from .logs import configure_json_logging
 from .metrics import ServiceMetrics
 from .retry import RetryPolicy
 from .settings import Settings
-from .store import JobStore, Notice, StoreError, default_owner
+from .store import JobStore, Notice, StoreError, default_owner, open_store
 
 LOGGER = logging.getLogger(__name__)
 
@@ -561,3 +564,41 @@ def build_worker(
     metrics.in_flight.set_function(worker.busy)
     metrics.watch_store(store.stats)
     return worker
+
+
+def run_worker(settings: Settings) -> None:
+    """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
+    configure_json_logging(settings.log_level)
+    prepare_root(settings.root())  # before the store: a refused start touches nothing
+    store = open_store(
+        settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4
+    )
+    worker = build_worker(store, settings, "worker")
+    health = None
+    if settings.health_port:
+        session = requests.Session()
+        health = serve_health(
+            settings, settings.health_port, lambda: readiness(settings, store, session), worker.metrics
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: stop.set())
+    try:
+        worker.start()
+        LOGGER.info(
+            "working",
+            extra={
+                "owner": worker.owner,
+                "workers": settings.workers,
+                "cartd_url": settings.cartd_url,
+                "download_root": settings.root(),
+                "store": store.describe(),
+            },
+        )
+        stop.wait()
+        LOGGER.info("stopping", extra={"grace": settings.shutdown_grace, "running": worker.busy()})
+        worker.stop(settings.shutdown_grace)
+    finally:
+        if health is not None:
+            health.shutdown()
+        store.close()
