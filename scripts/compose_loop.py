@@ -397,6 +397,22 @@ class Loop:
 
 
 # ---------------------------------------------------------------------- the checks
+def shell(what: str, script: str) -> subprocess.CompletedProcess[str]:
+    """Run documented shell commands as a user would paste them (bash, errexit, pipefail)."""
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise CheckFailed(f"{what} exited {done.returncode}: {done.stderr[-600:]}")
+    return done
+
+
 def doc_blocks(after: str, count: int) -> list[str]:
     """The first ``count`` ```sh blocks of docs/operations.md after the line containing ``after``."""
     text = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
@@ -408,17 +424,7 @@ def check_docs_example(loop: Loop) -> str:
     """The docs' "Post a test event" commands (docs/operations.md), as written, with this compose command."""
     store, send = doc_blocks("**Post a test event.**", 2)
     script = (store + send).replace("docker compose", shlex.join(loop.command))
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise CheckFailed(f"the docs' commands exited {done.returncode}: {done.stderr[-600:]}")
+    shell("the docs' commands", script)
     event = json.loads((REPO / "examples" / "notifications-event-0.1.json").read_text(encoding="utf-8"))
     files = [o for o in event["data"] if o.get("destinationTable") == "Files"]
     sample = Sample(event, {f"{o['subdir']}/{o['name']}".lstrip("/"): o["hashsum"] for o in files})
@@ -544,16 +550,7 @@ def check_restart(loop: Loop) -> str:
     else:
         eventget, importer = command.split(" | ")
         runbook = f"{compose} exec -T notifications {eventget} | {compose} exec -T downloader {importer}"
-    done = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", runbook],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise CheckFailed(f"the replay exited {done.returncode}: {done.stderr[-500:]}")
+    done = shell("the replay", runbook)
     jobs = wait("every event done after the replay", lambda: loop.done(before + missed), 240, 1.0)
     loop.verify_on_disk(jobs)
     return (
