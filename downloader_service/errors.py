@@ -63,6 +63,16 @@ def shorten(text: str, limit: int) -> str:
     return text[: max(0, limit - len(cut))] + cut
 
 
+def first_line(value: object, limit: int = 300) -> str:
+    """The first line of ``value``'s text, at most ``limit`` characters (its type's name if empty).
+
+    For a message built from another library's error or an HTTP answer's body, whose later
+    lines (a statement, a traceback, a page) say nothing a reader needs.
+    """
+    lines = str(value).strip().splitlines()
+    return (lines[0] if lines else type(value).__name__)[:limit]
+
+
 class DownloaderError(Exception):
     """Root of every error raised by :mod:`downloader_service`."""
 

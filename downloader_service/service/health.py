@@ -22,6 +22,7 @@ import requests
 
 from .. import __version__
 from ..cartapi import connection_problem, html_title
+from ..errors import first_line
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -52,7 +53,7 @@ def readiness(settings: Settings, store: JobStore, session: requests.Session) ->
     except (OSError, ValueError) as exc:
         # requests' errors are OSErrors, and so is its word for a certificate file gone since
         # the start; a ValueError is tls_options' for a file that no longer loads.
-        problem = connection_problem(exc) if isinstance(exc, requests.RequestException) else _first_line(exc)
+        problem = connection_problem(exc) if isinstance(exc, requests.RequestException) else first_line(exc)
         checks["cartd"] = {
             "ok": False,
             "url": settings.cartd_url,
@@ -104,11 +105,6 @@ def _title(resp: requests.Response) -> str:
         return ""
     title = html_title(next(resp.iter_content(8192), b"").decode("utf-8", "replace"))
     return f": {title}" if title else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def serve_health(

@@ -59,7 +59,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..cartfile import CartFile
-from ..errors import DownloaderError
+from ..errors import DownloaderError, first_line
 from .jobs import Job, JobError, JobState, dumps
 
 LOGGER = logging.getLogger(__name__)
@@ -1237,8 +1237,7 @@ def _gap(row: Any) -> Gap:
 
 def _short(exc: BaseException) -> str:
     """A database error's first line (SQLAlchemy appends the statement and a help link)."""
-    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return (first[0] if first else type(exc).__name__)[:300]
+    return first_line(getattr(exc, "orig", None) or exc)
 
 
 def default_owner() -> str:

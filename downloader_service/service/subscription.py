@@ -28,7 +28,6 @@ import json
 import logging
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from typing import Any, Final
 
 import requests
 
-from ..errors import DownloaderError
+from ..errors import DownloaderError, first_line
+from .logs import redact
 from .settings import Settings
 from .store import Gap, GapState, JobStore, StoreError, owner_is_dead
 
@@ -192,22 +192,22 @@ class NotificationsClient:
                 status = resp.status_code
         except requests.RequestException as exc:
             raise NotificationsError(
-                f"Notifications at {_safe(self.url)} cannot be reached: {_first_line(exc)}", url=_safe(url)
+                f"Notifications at {redact(self.url)} cannot be reached: {first_line(exc)}", url=redact(url)
             ) from exc
         if status == 403 and none_on_403:
             return None
         if status >= 500 or status in (408, 429):
             raise NotificationsError(
-                f"Notifications answered {method} {_safe(url)} with {status}: {_first_line(text)}",
-                url=_safe(url),
+                f"Notifications answered {method} {redact(url)} with {status}: {first_line(text)}",
+                url=redact(url),
                 status=status,
             )
         if not 200 <= status < 300:
             raise NotificationsRefusedError(
-                f"Notifications refused {method} {_safe(url)} with {status}: {_first_line(text)}; check "
+                f"Notifications refused {method} {redact(url)} with {status}: {first_line(text)}; check "
                 "DOWNLOADER_NOTIFICATIONS_USER, DOWNLOADER_NOTIFICATIONS_USER_HEADER and the credentials "
                 "in DOWNLOADER_NOTIFICATIONS_URL",
-                url=_safe(url),
+                url=redact(url),
                 status=status,
             )
         if not text.strip():
@@ -216,8 +216,8 @@ class NotificationsClient:
             return json.loads(text)
         except ValueError as exc:
             raise NotificationsError(
-                f"Notifications answered {method} {_safe(url)} with something not JSON: {_first_line(text)}",
-                url=_safe(url),
+                f"Notifications answered {method} {redact(url)} with something not JSON: {first_line(text)}",
+                url=redact(url),
             ) from exc
 
 
@@ -654,16 +654,3 @@ class SubscriptionGuard:
             self._thread.join(2.0)
         with contextlib.suppress(StoreError):
             self.store.release_guard(GUARD_NAME, self.owner)
-
-
-def _safe(url: str) -> str:
-    """A URL without the password it may carry."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":[REDACTED]@", 1)
-    return url
-
-
-def _first_line(value: object) -> str:
-    lines = str(value).strip().splitlines()
-    return (lines[0] if lines else type(value).__name__)[:300]
