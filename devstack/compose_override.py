@@ -9,7 +9,7 @@ Every service gets exactly one ``image:``: the stand-in for the image it names, 
 ``OWN_IMAGE`` (this tree's Dockerfile, built as scripts/test-container builds it) when it
 ``build:``s. A service whose image has no stand-in is an error, so the map in
 compose-images and the compose file change together. Standard library only: it runs with
-the system Python, before any virtualenv exists. ``tests/test_deployment.py`` checks with
+the system Python, before any virtualenv exists. ``tests/system/test_deployment.py`` checks with
 the real Compose parser that the merged file differs from docker-compose.yml only in
 ``image:``.
 """

@@ -9,7 +9,7 @@ Interface and Cartd, and a Policy stand-in -- on the ports the tests hard-code: 
 127.0.0.1:8080, Cartd 127.0.0.1:8081, Policy 127.0.0.1:8181.
 
 Those ports may be taken on the host, so this module is meant to run in a network namespace
-of its own (tests/test_upstream.py: ``unshare --net``, then ``ip link set lo up``). The
+of its own (tests/integration/test_upstream.py: ``unshare --net``, then ``ip link set lo up``). The
 archive is preloaded as upstream's CI (``.travis.yml``) did: the repository's README.md stored
 as files 103 and 104 (the dispatcher's README for its suite, the downloader's for its own),
 transaction 67 listing them at ``a/b/foo.txt`` and ``a/b/é/baré.txt``, and the unmodified

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a headless browser for the page's browser test (tests/test_page.py): Debian's
+# Install a headless browser for the page's browser test (tests/system/test_page.py): Debian's
 # chromium and chromium-driver, used through Selenium (a pip package in the test extras).
 #
 #   scripts/install-browser.sh        # as root (CI on a fresh Debian 12)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The environment upstream's own tests run in against the drop-in (tests/test_upstream.py):
+# The environment upstream's own tests run in against the drop-in (tests/integration/test_upstream.py):
 #   - the sdists of pacifica-downloader 0.4.1 and pacifica-dispatcher 0.2.5 (their tests),
 #     downloaded once into $PACIFICA_UPSTREAM_CACHE (~/.cache/pacifica-downloader/upstream);
 #   - .venv-upstream: pacifica-dispatcher 0.2.5 with its dependencies (cloudevents-python,

@@ -1,4 +1,4 @@
-// A CloudEvents sink for tests/test_events.py: parses every request with the npm cloudevents
+// A CloudEvents sink for tests/integration/test_events.py: parses every request with the npm cloudevents
 // SDK and appends what it parsed, as one JSON line, to the file given as the second argument.
 // Paths choose the answer: /ok -> 202, /reject -> 400, /flaky -> 503 twice, then 202.
 // Usage: node server.js PORT EVENTS_FILE   (listens on 127.0.0.1 only)

@@ -540,7 +540,7 @@ import resource, sys, tempfile
 from pathlib import Path
 from downloader_service import DownloaderError
 from downloader_service.archive import extract_cart
-from tests.test_archive import FILES, LazyStream, hostile_headers
+from tests.unit.test_archive import FILES, LazyStream, hostile_headers
 stream = LazyStream(hostile_headers(sys.argv[1]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with tempfile.TemporaryDirectory() as tmp:

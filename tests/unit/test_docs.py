@@ -1,6 +1,6 @@
 """README and docs/ stay true: their links resolve, and the layout names every module.
 
-The settings table (tests/test_deployment.py), the examples (tests/test_demo.py) and the
+The settings table (tests/system/test_deployment.py), the examples (tests/integration/test_demo.py) and the
 compose sample commands (scripts/test-compose) are checked against the code where they run.
 """
 
