@@ -60,6 +60,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError
+from .ends import CHANNEL as JOB_ENDS_CHANNEL
+from .ends import JobEnds
 from .jobs import Job, JobError, JobState, dumps
 
 LOGGER = logging.getLogger(__name__)
@@ -344,9 +346,17 @@ class JobStore:
             else None
         )
         self._identity: tuple[int, int] | None = None
+        # Wakes a waiting sync POST when its job ends: here at once, from other processes by
+        # PostgreSQL's LISTEN/NOTIFY (see .ends).
+        self.ends = JobEnds(
+            parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            if self.dialect == "postgresql"
+            else None
+        )
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Stop listening for job ends and close every pooled connection."""
+        self.ends.close()
         self.engine.dispose()
 
     def describe(self) -> str:
@@ -512,6 +522,7 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
+            ends=True,
             state=JobState.DONE,
             download_path=download_path,
             host=host,
@@ -559,6 +570,7 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
+            ends=True,
             state=JobState.FAILED,
             finished_at=self.clock(),
             attempt_path=None,
@@ -589,12 +601,15 @@ class JobStore:
             **leftovers,
         )
 
-    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
+    def _update_held(
+        self, job_id: str, owner: str, notices: Sequence[Notice] = (), ends: bool = False, **values: Any
+    ) -> bool:
         """Update a running job only while ``owner`` still holds its lease.
 
         ``notices`` go into the outbox in the same transaction (the transactional outbox): the
         job's end and what must follow it (its completion event, deleting its cart) are
-        committed together or not at all.
+        committed together or not at all. When the update ``ends`` the job, whoever waits for
+        it is woken: on PostgreSQL by a NOTIFY that is sent when, and only if, it commits.
         """
         now = self.clock()
         values.setdefault("updated_at", now)
@@ -619,6 +634,10 @@ class JobStore:
                         updated_at=now,
                     )
                 )
+            if ends and result.rowcount and self.dialect == "postgresql":
+                conn.execute(select(func.pg_notify(JOB_ENDS_CHANNEL, job_id)))
+        if ends and result.rowcount:
+            self.ends.ended([job_id])
         return bool(result.rowcount)
 
     # ------------------------------------------------------------- reads
