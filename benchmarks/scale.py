@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import requests
 
@@ -55,7 +56,7 @@ if str(REPO) not in sys.path:
 
 from devstack.pacifica import free_port  # noqa: E402
 from devstack.postgres import PostgresServer  # noqa: E402
-from downloader_service.service.jobs import DONE  # noqa: E402
+from downloader_service.service.jobs import JobState  # noqa: E402
 from downloader_service.service.store import JobStore  # noqa: E402
 from tests.events import file_obj, make_event  # noqa: E402
 from tests.fakecartd import Cart, FakeCartd  # noqa: E402
@@ -414,9 +415,9 @@ def run_batch(
     deadline = time.monotonic() + 30 + events
     while True:
         jobs = store.get_many(job_ids)
-        if all(job.state == DONE for job in jobs):
+        if all(job.state == JobState.DONE for job in jobs):
             break
-        bad = [job for job in jobs if job.state not in ("queued", "running", DONE)]
+        bad = [job for job in jobs if job.state not in ("queued", "running", JobState.DONE)]
         if bad or time.monotonic() > deadline:
             raise BenchmarkError(f"jobs did not finish: {Counter(job.state for job in jobs)}")
         time.sleep(0.05)  # the end is the last job's finished_at, not when this loop sees it
@@ -460,23 +461,36 @@ class IntakeRow:
         return 1000 * self.cpu.get(party, 0.0) / max(1, self.accepted)
 
 
+# What the intake clients send: a 1.0 structured event of three files (what most senders
+# send), or Notifications' 0.1 event as application/json (one file).
+EVENT_KINDS: Final = {
+    "structured": "application/cloudevents+json",
+    "notifications": "application/json",
+}
+
+
 class Hammer:
     """``clients`` threads POSTing distinct valid events over keep-alive connections."""
 
-    def __init__(self, urls: list[str], clients: int, tag: str) -> None:
+    def __init__(self, urls: list[str], clients: int, tag: str, event: str = "structured") -> None:
         self.ports = [int(url.rsplit(":", 1)[1]) for url in urls]  # client n talks to ports[n % len]
         self.clients = clients
         self.tag = tag
         self.results: list[list[tuple[float, int, float]]] = [[] for _ in range(clients)]
         self.stop = threading.Event()
-        template = make_event([file_obj(7, "f.bin", "d", b"x" * 100)], event_id="@ID@")
+        self.content_type = EVENT_KINDS[event]
+        if event == "structured":
+            files = [file_obj(7 + n, f"f{n}.bin", "d", b"x" * (100 + n)) for n in range(3)]
+            template = make_event(files, version="1.0", event_id="@ID@")
+        else:
+            template = make_event([file_obj(7, "f.bin", "d", b"x" * 100)], event_id="@ID@")
         self.template = json.dumps(template).split("@ID@")
 
     def run(self, number: int) -> None:
         out = self.results[number]
         port = self.ports[number % len(self.ports)]
         conn = http.client.HTTPConnection(HOST, port, timeout=30)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": self.content_type}
         sent = 0
         while not self.stop.is_set():
             sent += 1
@@ -509,6 +523,7 @@ class IntakeSetup:
     seconds: float
     clients: int
     profile: bool
+    event: str = "structured"
 
 
 def intake(
@@ -533,7 +548,7 @@ def intake(
     }
     if pg is not None and pg.pid is not None:
         parties["postgres"] = group_cpu(pg.pid)
-    hammer = Hammer([url for url, _proc in started], setup.clients, kind)
+    hammer = Hammer([url for url, _proc in started], setup.clients, kind, setup.event)
     threads = [threading.Thread(target=hammer.run, args=(n,), daemon=True) for n in range(setup.clients)]
     cpu = CpuWindow(parties)
     samples: Profile | None = None
@@ -722,7 +737,8 @@ def render(
     lines = [] if not rows else throughput_lines(rows, args)
     lines += [
         f"### (b) Intake: {args.clients} keep-alive clients POSTing distinct "
-        "valid events, `DOWNLOADER_ASYNC=true`, `DOWNLOADER_WORKERS=0`, default log level (INFO)",
+        f"valid events ({args.event}: {EVENT_KINDS[args.event]}), `DOWNLOADER_ASYNC=true`, "
+        "`DOWNLOADER_WORKERS=0`, default log level (INFO)",
         "",
         "| store | accepted events/s | in (s) | other answers | latency p50 / p99 (ms) "
         "| cores busy: all / ours "
@@ -805,6 +821,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--intake-seconds", type=float, default=10.0, help="measured intake window (10)")
     parser.add_argument("--clients", type=int, default=16, help="intake client threads (16)")
     parser.add_argument("--profile", action="store_true", help="py-spy the intake after measuring it")
+    parser.add_argument(
+        "--event",
+        choices=sorted(EVENT_KINDS),
+        default="structured",
+        help="what intake clients send: a 1.0 structured event of 3 files (structured, the default), "
+        "or Notifications' 0.1 event of one file",
+    )
     parser.add_argument("--skip-workers", action="store_true", help="only the intake part")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"markdown report ({DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -820,7 +843,7 @@ def main(argv: Sequence[str]) -> int:
         log(f"starting PostgreSQL in {work}")
         pg.start(timeout=60)
         rows = [] if args.skip_workers else throughput(pg, cartd, work, procs, args.events, args.staging)
-        setup = IntakeSetup(cartd, work, procs, args.intake_seconds, args.clients, args.profile)
+        setup = IntakeSetup(cartd, work, procs, args.intake_seconds, args.clients, args.profile, args.event)
         intakes = [
             intake(setup, "SQLite", None, None),
             intake(setup, "PostgreSQL", pg.create_database("scale_intake"), pg),

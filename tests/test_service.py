@@ -812,7 +812,6 @@ def test_every_error_class_has_a_kind_of_its_own() -> None:
         ), cls
 
 
-
 def test_sync_post_is_answered_when_its_job_ends_not_at_a_poll(
     make_client: MakeClient, files: list[dict[str, Any]]
 ) -> None:
