@@ -337,6 +337,15 @@ class JobStore:
         else:
             raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        # The intake's INSERT, built once: each event's row goes in as the parameters of one
+        # statement whose compiled form SQLAlchemy caches. Built per event with the values in
+        # it, SQLAlchemy coerced and keyed every value anew (~0.3 ms of CPU an event).
+        add_job = (
+            self._insert(jobs)
+            .on_conflict_do_nothing(index_elements=["source", "event_id"])
+            .returning(*_STATE_COLUMNS)
+        )
+        self._add_job = add_job.values(run_at=self._lease_now()) if self.db_clock else add_job
         # A SQLite file removed or replaced under us: our connections would go on writing to
         # the old, unlinked file, answer 2xx, and lose it all at the next start. Its identity
         # (device, inode) is taken at the first write and checked at every one after.
@@ -411,21 +420,20 @@ class JobStore:
         come back without their event and files (:meth:`get` has them).
         """
         now = self.clock()
-        due = self._lease_now()
         answers = []
         with self._write() as conn:
             for new in new_jobs:
-                inserted = conn.execute(
-                    self._insert(jobs)
-                    .values(**{**_new_row(new, now), "run_at": due})
-                    .on_conflict_do_nothing(index_elements=["source", "event_id"])
-                    .returning(*_STATE_COLUMNS)
-                ).first()
+                row = _new_row(new, now)
+                if self.db_clock:
+                    del row["run_at"]  # the statement has it: the database's clock
+                else:
+                    row["run_at"] = self._lease_now()
+                inserted = conn.execute(self._add_job, row).first()
                 if inserted is not None:
                     answers.append((_job(inserted), True))
                     continue
                 same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
-                digest = event_digest(new.event)
+                digest = row["event_digest"]
                 conflicted = conn.execute(
                     update(jobs)
                     .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
@@ -522,7 +530,6 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
-            ends=True,
             state=JobState.DONE,
             download_path=download_path,
             host=host,
@@ -570,7 +577,6 @@ class JobStore:
             job_id,
             owner,
             notices=notices,
-            ends=True,
             state=JobState.FAILED,
             finished_at=self.clock(),
             attempt_path=None,
@@ -601,16 +607,15 @@ class JobStore:
             **leftovers,
         )
 
-    def _update_held(
-        self, job_id: str, owner: str, notices: Sequence[Notice] = (), ends: bool = False, **values: Any
-    ) -> bool:
+    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
         """Update a running job only while ``owner`` still holds its lease.
 
         ``notices`` go into the outbox in the same transaction (the transactional outbox): the
         job's end and what must follow it (its completion event, deleting its cart) are
-        committed together or not at all. When the update ``ends`` the job, whoever waits for
-        it is woken: on PostgreSQL by a NOTIFY that is sent when, and only if, it commits.
+        committed together or not at all. When the update ends the job (done or failed),
+        whoever waits for it is woken: on PostgreSQL by a NOTIFY sent when, and only if, it commits.
         """
+        ends = values.get("state") in (JobState.DONE, JobState.FAILED)
         now = self.clock()
         values.setdefault("updated_at", now)
         with self._write() as conn:
