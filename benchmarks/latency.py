@@ -8,6 +8,8 @@ It starts the real Archive Interface + Cartd (``devstack/pacifica.py``) and a Po
 server (``devstack/postgres.py``), stores three small files (3, 5 and 8 KiB) in the archive,
 and starts these services against that Cartd:
 
+Cartd's database is that PostgreSQL too (two Celery worker processes), as the tests run it.
+
 - ``serve`` on a SQLite job store with one download thread in the same process;
 - ``serve`` on a PostgreSQL job store with one download thread in the same process;
 - an intake-only ``serve`` and a ``downloader-service worker`` process on one PostgreSQL
@@ -71,8 +73,8 @@ QUIET_WAIT = 180.0  # seconds, at most, waiting for the machine to be quiet
 
 STACK_LINE = (
     "- everything on 127.0.0.1: PostgreSQL (devstack/postgres.py: fsync on, synchronous_commit on), "
-    "the real Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, filesystem broker polled "
-    "every 50 ms), the services and this script"
+    "the real Cartd 0.7.0 (on that PostgreSQL, two Celery worker processes) + Archive Interface 0.4.2 "
+    "(devstack/pacifica.py, filesystem broker polled every 50 ms), the services and this script"
 )
 
 
@@ -219,11 +221,14 @@ def main(argv: Sequence[str]) -> int:
     code_began = code_state()
     work = Path(tempfile.mkdtemp(prefix="downloader-latency-"))
     procs = Processes()
-    stack = PacificaStack(work / "stack", REPO / ".venv-pacifica")
     pg = PostgresServer(work / "postgres")
+    stack: PacificaStack | None = None
     loads: list[float] = []
     try:
         pg.start(timeout=60)
+        stack = PacificaStack(
+            work / "stack", REPO / ".venv-pacifica", database_url=pg.create_database("cartd")
+        )
         stack.start(timeout=120)
         objs = []
         for number, size in enumerate(SIZES):
@@ -259,7 +264,8 @@ def main(argv: Sequence[str]) -> int:
         table = render(paths, args, loads, load_before)
     finally:
         procs.stop_all()
-        stack.stop()
+        if stack is not None:
+            stack.stop()
         pg.close()
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - began

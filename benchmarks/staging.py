@@ -53,7 +53,7 @@ RESETS_LOCK = threading.Lock()
 STACK_LINE = (
     "- everything on 127.0.0.1: PostgreSQL (devstack/postgres.py: fsync on, synchronous_commit on), "
     "the real Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, filesystem broker polled "
-    "every 50 ms), the services and this script"
+    "every 50 ms) and this script"
 )
 
 
