@@ -8,7 +8,7 @@ It starts the real Archive Interface + Cartd (``devstack/pacifica.py``) and a Po
 server (``devstack/postgres.py``), stores three small files (3, 5 and 8 KiB) in the archive,
 and starts these services against that Cartd:
 
-Cartd's database is that PostgreSQL too (two Celery worker processes), as the tests run it.
+Cartd's database is that PostgreSQL too (one Celery worker process), as the tests run it.
 
 - ``serve`` on a SQLite job store with one download thread in the same process;
 - ``serve`` on a PostgreSQL job store with one download thread in the same process;
@@ -73,7 +73,7 @@ QUIET_WAIT = 180.0  # seconds, at most, waiting for the machine to be quiet
 
 STACK_LINE = (
     "- everything on 127.0.0.1: PostgreSQL (devstack/postgres.py: fsync on, synchronous_commit on), "
-    "the real Cartd 0.7.0 (on that PostgreSQL, two Celery worker processes) + Archive Interface 0.4.2 "
+    "the real Cartd 0.7.0 (on that PostgreSQL, one Celery worker process) + Archive Interface 0.4.2 "
     "(devstack/pacifica.py, filesystem broker polled every 50 ms), the services and this script"
 )
 

@@ -1020,8 +1020,8 @@ def machine_facts(code_began: str, code_ended: str) -> list[str]:
         f"- CPU: {command('nproc')} cores ({cpu}), {command('uname', '-m')}; load average at the end: {load}",
         f"- memory (`free -g`, GiB): total {mem.split()[1] if len(mem.split()) > 1 else '?'}",
         f"- Python {platform.python_version()} ({platform.platform()})",
-        "- Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, Cartd on PostgreSQL, two Celery"
-        " worker processes, filesystem broker polled every 50 ms), all on 127.0.0.1",
+        "- Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, Cartd on PostgreSQL, one Celery"
+        " worker process, filesystem broker polled every 50 ms), all on 127.0.0.1",
     ]
 
 

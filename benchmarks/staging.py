@@ -6,7 +6,8 @@ Run from the repository root, by hand (it is not a test)::
 
 For each database it starts the real Archive Interface + Cartd (``devstack/pacifica.py``):
 on a SQLite file with one Celery worker process (more deadlock), and on PostgreSQL
-(``devstack/postgres.py``) with two, as the tests, the demo and the benchmarks now run it.
+(``devstack/postgres.py``) with one, as the tests, the demo and the benchmarks now run it,
+and with two.
 Then, ``--runs`` times: one cart of ``--files`` files of 4 KiB, timed from its POST to
 ``ready`` (a ``HEAD`` every 5 ms), per file; and a burst of ``--burst`` carts of 3 files
 POSTed at once from as many threads, each timed to ``ready``; a cart not ready after 60 s
@@ -181,11 +182,15 @@ def main(argv: Sequence[str]) -> int:
     backends = []
     try:
         pg.start(timeout=60)
-        for name, url in (("SQLite, 1 worker process", None), ("PostgreSQL, 2 worker processes", "pg")):
-            backend = Backend(name)
-            database = None if url is None else pg.create_database("cartd")
+        setups = (("SQLite", False, 1), ("PostgreSQL", True, 1), ("PostgreSQL", True, 2))
+        for name, postgres, workers in setups:
+            backend = Backend(f"{name}, {workers} worker process{'es' if workers > 1 else ''}")
+            database = pg.create_database(f"cartd_{len(backends)}") if postgres else None
             with PacificaStack(
-                work / f"stack-{len(backends)}", REPO / ".venv-pacifica", database_url=database
+                work / f"stack-{len(backends)}",
+                REPO / ".venv-pacifica",
+                database_url=database,
+                worker_processes=workers,
             ) as stack:
                 measure(stack, backend, args, ids)
             backends.append(backend)

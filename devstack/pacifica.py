@@ -14,10 +14,12 @@ Usage::
         requests.post(f"{stack.cartd_url}/{uid}", json={"fileids": [...]})
 
 Cartd's database: PostgreSQL when ``database_url`` names one (``postgresql://...``, e.g. from
-``devstack/postgres.py``), as Pacifica's own compose runs it, with two Celery worker processes;
-else a SQLite file in the work dir and one worker process. The tests, the demo and the
-benchmarks use PostgreSQL: on SQLite a burst of carts makes the worker fail staging tasks
-with "database is locked" and leaves those carts ``staging`` for ever.
+``devstack/postgres.py``), as Pacifica's own compose runs it; else a SQLite file in the work
+dir. The tests, the demo and the benchmarks use PostgreSQL: on SQLite a burst of carts makes
+the worker fail staging tasks with "database is locked" and leaves those carts ``staging`` for
+ever. One Celery worker process either way: with two on PostgreSQL a bundled cart was once
+served empty (Cartd 0.7.0's tasks each call ``prepare_bundle`` when they see every file
+staged, so two processes can write the same bundle at once while the cart reads ``ready``).
 
 Facts this relies on (0.7.0 / 0.4.2): both services read their config only from the
 environment (``CARTD_CONFIG``, ``ARCHIVEINTERFACE_CONFIG``; their ``-c`` flags are
@@ -399,7 +401,7 @@ class PacificaStack(_ProcessStack):
     ``archive_port`` and ``cartd_port`` fix the ports instead (upstream's tests hard-code
     8080 and 8081; they run in a network namespace of their own, where those are free).
     ``database_url`` is Cartd's PostgreSQL database (None: a SQLite file), ``worker_processes``
-    the Celery worker's concurrency (default: 2 on PostgreSQL, 1 on SQLite, which allows no more).
+    the Celery worker's concurrency (1; more only on PostgreSQL, and bundled carts then race).
     """
 
     _label = "Pacifica"
@@ -424,7 +426,7 @@ class PacificaStack(_ProcessStack):
         self.database_url = database_url
         if database_url is None and (worker_processes or 1) > 1:
             raise ValueError("Cartd on SQLite takes one Celery worker process (more deadlock)")
-        self.worker_processes = worker_processes or (1 if database_url is None else 2)
+        self.worker_processes = worker_processes or 1
         self.archive_url = ""
         self.cartd_url = ""
 

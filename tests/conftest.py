@@ -84,7 +84,7 @@ def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
 def pacifica_stack(
     tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
 ) -> Iterator[PacificaStack]:
-    """The real Archive Interface + Cartd + Celery workers, once for the whole session.
+    """The real Archive Interface + Cartd + its Celery worker, once for the whole session.
 
     Cartd's database is PostgreSQL, as Pacifica runs it (on SQLite bursts of carts leave some
     staging for ever). ``scripts/test`` installs them into ``.venv-pacifica`` (or
