@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from devstack.pacifica import PacificaStack, free_port  # noqa: E402
+from devstack.postgres import PostgresServer  # noqa: E402
 from tests import events  # noqa: E402
 from tests.fakecartd import FakeCartd  # noqa: E402
 
@@ -1019,8 +1020,8 @@ def machine_facts(code_began: str, code_ended: str) -> list[str]:
         f"- CPU: {command('nproc')} cores ({cpu}), {command('uname', '-m')}; load average at the end: {load}",
         f"- memory (`free -g`, GiB): total {mem.split()[1] if len(mem.split()) > 1 else '?'}",
         f"- Python {platform.python_version()} ({platform.platform()})",
-        "- Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, SQLite, one Celery worker,"
-        " filesystem broker polled every 50 ms), all on 127.0.0.1",
+        "- Cartd 0.7.0 + Archive Interface 0.4.2 (devstack/pacifica.py, Cartd on PostgreSQL, one Celery"
+        " worker process, filesystem broker polled every 50 ms), all on 127.0.0.1",
     ]
 
 
@@ -1372,9 +1373,13 @@ def session(upstream: bool = True) -> Iterator[Bench]:
     signal.signal(signal.SIGTERM, _terminate)
     children = Children()
     work = Path(tempfile.mkdtemp(prefix="pacifica-bench-"))
-    stack = PacificaStack(work / "stack", PACIFICA_VENV)
+    # Cartd's database on PostgreSQL, as Pacifica runs it (on SQLite bursts strand carts).
+    postgres = PostgresServer(work / "postgres")
+    stack: PacificaStack | None = None
     try:
-        log(f"starting the Pacifica stack in {work}")
+        log(f"starting PostgreSQL and the Pacifica stack in {work}")
+        postgres.start(timeout=60)
+        stack = PacificaStack(work / "stack", PACIFICA_VENV, database_url=postgres.create_database("cartd"))
         stack.start(timeout=90)
         yield Bench(work, stack, children)
     except BaseException:
@@ -1382,7 +1387,9 @@ def session(upstream: bool = True) -> Iterator[Bench]:
         raise
     finally:
         children.stop_all()
-        stack.stop()
+        if stack is not None:
+            stack.stop()
+        postgres.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,15 +9,23 @@ and points ``CELERY_CONFIG_MODULE`` at, and the result backend is ``cache+memory
 
 Usage::
 
-    with PacificaStack(tmp_path, venv) as stack:
+    with PacificaStack(tmp_path, venv, database_url=pg.create_database("cartd")) as stack:
         stack.put_file(34, b"data")
         requests.post(f"{stack.cartd_url}/{uid}", json={"fileids": [...]})
 
+Cartd's database: PostgreSQL when ``database_url`` names one (``postgresql://...``, e.g. from
+``devstack/postgres.py``), as Pacifica's own compose runs it; else a SQLite file in the work
+dir. The tests, the demo and the benchmarks use PostgreSQL: on SQLite a burst of carts makes
+the worker fail staging tasks with "database is locked" and leaves those carts ``staging`` for
+ever. One Celery worker process either way: with two on PostgreSQL a bundled cart was once
+served empty (Cartd 0.7.0's tasks each call ``prepare_bundle`` when they see every file
+staged, so two processes can write the same bundle at once while the cart reads ``ready``).
+
 Facts this relies on (0.7.0 / 0.4.2): both services read their config only from the
 environment (``CARTD_CONFIG``, ``ARCHIVEINTERFACE_CONFIG``; their ``-c`` flags are
-ignored); SQLite needs the ``sqlite:///`` peewee scheme and one Celery worker process;
-the 0.4.2 archive shares one file handle between request threads, so it runs with one
-thread; CherryPy limits request bodies to 100 MB unless told otherwise.
+ignored); SQLite needs the ``sqlite:///`` peewee scheme and one Celery worker process
+(more deadlock); the 0.4.2 archive shares one file handle between request threads, so it
+runs with one thread; CherryPy limits request bodies to 100 MB unless told otherwise.
 """
 
 from __future__ import annotations
@@ -392,6 +400,8 @@ class PacificaStack(_ProcessStack):
 
     ``archive_port`` and ``cartd_port`` fix the ports instead (upstream's tests hard-code
     8080 and 8081; they run in a network namespace of their own, where those are free).
+    ``database_url`` is Cartd's PostgreSQL database (None: a SQLite file), ``worker_processes``
+    the Celery worker's concurrency (1; more only on PostgreSQL, and bundled carts then race).
     """
 
     _label = "Pacifica"
@@ -401,11 +411,22 @@ class PacificaStack(_ProcessStack):
     _celery_config_module = CELERY_CONFIG_MODULE
 
     def __init__(
-        self, workdir: Path, venv: Path, host: str = HOST, archive_port: int = 0, cartd_port: int = 0
+        self,
+        workdir: Path,
+        venv: Path,
+        host: str = HOST,
+        archive_port: int = 0,
+        cartd_port: int = 0,
+        database_url: str | None = None,
+        worker_processes: int | None = None,
     ):
         super().__init__(workdir, venv, host)
         self.archive_port = archive_port
         self.cartd_port = cartd_port
+        self.database_url = database_url
+        if database_url is None and (worker_processes or 1) > 1:
+            raise ValueError("Cartd on SQLite takes one Celery worker process (more deadlock)")
+        self.worker_processes = worker_processes or 1
         self.archive_url = ""
         self.cartd_url = ""
 
@@ -447,7 +468,7 @@ class PacificaStack(_ProcessStack):
             "request.dispatch = cherrypy.dispatch.MethodDispatcher()\n",
             encoding="utf-8",
         )
-        db_path = self.workdir / "cartd.sqlite3"
+        peewee_url = self.database_url or f"sqlite:///{self.workdir / 'cartd.sqlite3'}?timeout=30"
         (cfg / "cartd.ini").write_text(
             "[cartd]\n"
             "transfer_size = 1 Mb\n"
@@ -457,7 +478,7 @@ class PacificaStack(_ProcessStack):
             "lru_purge = off\n"
             "bundle_task = off\n"
             "\n[database]\n"
-            f"peewee_url = sqlite:///{_ini_value(db_path)}?timeout=30\n"
+            f"peewee_url = {_ini_value(peewee_url)}\n"
             "debug_logging = False\n"
             "connect_attempts = 10\n"
             "connect_wait = 1\n"
@@ -526,7 +547,7 @@ class PacificaStack(_ProcessStack):
                     "pacifica.cartd.tasks:CART_APP",
                     "worker",
                     "--concurrency",
-                    "1",
+                    str(self.worker_processes),
                     "--pool",
                     "prefork",
                     "--loglevel",

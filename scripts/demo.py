@@ -1,7 +1,8 @@
 """A first download in one command: the real Pacifica stack, a sample dataset and the service.
 
 Started by ``bash scripts/serve`` when no ``CARTD_URL`` is set. It starts the real Archive
-Interface and Cartd (as the tests do, from ``.venv-pacifica``) on free local ports, stores
+Interface and Cartd (as the tests do, from ``.venv-pacifica``; Cartd's database on a
+PostgreSQL server of its own, ``devstack/postgres.py``, as Pacifica runs it) on free local ports, stores
 the sample dataset in ``examples/data`` under the file ids its example events name, starts
 ``downloader-service serve`` against it, prints the command that posts the sample's
 Notifications event and where the files will land, and runs until Ctrl-C (or SIGTERM),
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from devstack.pacifica import PacificaStack  # noqa: E402
+from devstack.postgres import PostgresServer  # noqa: E402
 
 EXAMPLES = REPO / "examples"
 SAMPLE_EVENT = EXAMPLES / "notifications-event-0.1.json"
@@ -64,18 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     began = time.monotonic()
-    stack = PacificaStack(workdir / "stack", REPO / ".venv-pacifica")
+    postgres = PostgresServer(workdir / "postgres")
+    stack: PacificaStack | None = None
     service: subprocess.Popen[bytes] | None = None
     try:
+        postgres.start(timeout=60)
+        stack = PacificaStack(
+            workdir / "stack", REPO / ".venv-pacifica", database_url=postgres.create_database("cartd")
+        )
         stack.start(timeout=120)
         stored = store_sample(stack)
         url = f"http://127.0.0.1:{args.port}"
         env = {
-            # The demo's Cartd is its own and idle, so a cart it has not staged in 20 s (plus
-            # the allowances per file and byte) is stuck: its SQLite now and then fails a
-            # staging task with "database is locked" and leaves the cart staging for ever.
-            # The service then retries on a fresh cart, after 20 s instead of 120.
-            "DOWNLOADER_CART_TIMEOUT": "20",
             **os.environ,
             "CARTD_URL": stack.cartd_url,
             "DOWNLOADER_PORT": str(args.port),
@@ -126,7 +128,9 @@ Logs: {workdir / "service.log"}. Ctrl-C stops everything.
             except subprocess.TimeoutExpired:
                 service.kill()
                 service.wait(5)
-        stack.stop()
+        if stack is not None:
+            stack.stop()
+        postgres.close()
 
 
 def _ready(url: str) -> bool:

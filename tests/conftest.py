@@ -103,18 +103,24 @@ def make_client(tmp_path: Path, fake_cartd: FakeCartd) -> Iterator[MakeClient]:
 
 
 @pytest.fixture(scope="session")
-def pacifica_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacificaStack]:
-    """The real Archive Interface + Cartd + Celery worker, once for the whole session.
+def pacifica_stack(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[PacificaStack]:
+    """The real Archive Interface + Cartd + its Celery worker, once for the whole session.
 
-    ``scripts/test`` installs them into ``.venv-pacifica`` (or ``$PACIFICA_VENV``); without
-    that venv the integration tests fail, they do not skip: CI must exercise them.
+    Cartd's database is PostgreSQL, as Pacifica runs it (on SQLite bursts of carts leave some
+    staging for ever). ``scripts/test`` installs them into ``.venv-pacifica`` (or
+    ``$PACIFICA_VENV``); without that venv the integration tests fail, they do not skip: CI
+    must exercise them.
     """
     from devstack.pacifica import PacificaStack
 
     venv = Path(os.environ.get("PACIFICA_VENV", REPO / ".venv-pacifica"))
     if not (venv / "bin" / "pacifica-cartd").exists():
         pytest.fail(f"no Pacifica stack in {venv}: run scripts/install-pacifica-stack.sh (scripts/test does)")
-    stack = PacificaStack(tmp_path_factory.mktemp("pacifica"), venv)
+    stack = PacificaStack(
+        tmp_path_factory.mktemp("pacifica"), venv, database_url=postgres.create_database("cartd")
+    )
     stack.start(timeout=60)
     yield stack
     stack.stop()

@@ -41,7 +41,7 @@ LOGGER = logging.getLogger(__name__)
 # Error kind -> HTTP status. 4xx: sending the same request again cannot help; 429/5xx: it may.
 # What each error kind answers: 4xx when the request itself is at fault (sending it again
 # cannot help), 429/503 when waiting can, 502/504 when Cartd or the download failed. Every
-# ErrorKind has one (tests/test_service.py checks): none becomes a 500 by accident.
+# ErrorKind has one (tests/unit/test_service.py checks): none becomes a 500 by accident.
 KIND_STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorKind.PAYLOAD_TOO_LARGE: 413,
@@ -65,7 +65,10 @@ KIND_STATUS: Final[dict[ErrorKind, int]] = {
 }
 JSON_TYPE = "application/json"
 LIST_LIMIT_MAX = 500
-_SYNC_POLL = (0.02, 0.25)  # the first and the longest pause while a sync POST waits
+# While a sync POST waits, its job's end wakes it (see .ends); it still reads the store: every
+# SYNC_POLL[0] seconds at first, backing off to SYNC_POLL[1], when ends in other processes cannot
+# reach it (SQLite), and every SYNC_POLL[2] seconds while a PostgreSQL listener says they do.
+SYNC_POLL: Final = (0.02, 0.25, 2.0)
 
 
 class HTTPError(Denied):
@@ -113,10 +116,16 @@ class Service:
         self.access = Access(settings)
         self.intake = Intake(settings, store, metrics, worker.wake if worker is not None else lambda: None)
         self.stopping = threading.Event()
+        self.sync_poll = SYNC_POLL
+
+    def stop_waiting(self) -> None:
+        """Answer waiting sync requests at once (their jobs are safe in the store): stopping."""
+        self.stopping.set()
+        self.store.ends.wake_all("stopping")
 
     def close(self, grace: float = 0.0) -> None:
         """Stop the worker (running downloads get ``grace`` seconds) and the store."""
-        self.stopping.set()
+        self.stop_waiting()
         if self.worker is not None:
             self.worker.stop(grace)
         self.store.close()
@@ -178,15 +187,27 @@ class Service:
         return self.intake.accept(events)
 
     def wait(self, jobs: list[Job], timeout: float) -> list[Job]:
-        """Wait until every job has finished, ``timeout`` passes or the service stops."""
+        """Wait until every job has finished, ``timeout`` passes or the service stops.
+
+        Woken when one of the jobs ends (see :mod:`.ends`); the store is read after each wake
+        and each pause of :data:`SYNC_POLL`, in case a wake was lost.
+        """
+        if not jobs:
+            return jobs
         deadline = time.monotonic() + timeout
-        pause = _SYNC_POLL[0]
-        while not all(job.finished for job in jobs):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.stopping.wait(min(pause, remaining)):
-                break
-            pause = min(pause * 2, _SYNC_POLL[1])
-            jobs = self.store.get_many([job.id for job in jobs])
+        ids = [job.id for job in jobs]
+        first, longest, listening = self.sync_poll
+        pause = first
+        with self.store.ends.watch(ids) as watch:
+            # Read once more now that an end wakes us: a job that ended before is in this read.
+            jobs = self.store.get_many(ids)
+            while not all(job.finished for job in jobs) and not self.stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                watch.wait(min(listening if self.store.ends.listening else pause, remaining))
+                pause = min(pause * 2, longest)
+                jobs = self.store.get_many(ids)
         return jobs
 
     def answer(self, job: Job, created: bool = True) -> tuple[int, dict[str, Any]]:

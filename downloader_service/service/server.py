@@ -57,7 +57,7 @@ def serve(settings: Settings) -> None:
     # Slow or idle clients wait in cheroot's selector, not in the pool's threads (see .http).
     cherrypy.server.instance = HardenedServer(cherrypy.server, settings.request_timeout)
     # Waiting sync requests answer 202 at once (their jobs are safe in the store) ...
-    cherrypy.engine.subscribe("stop", app.service.stopping.set, priority=10)
+    cherrypy.engine.subscribe("stop", app.service.stop_waiting, priority=10)
     # ... and downloads get their grace after the HTTP server has stopped taking requests.
     cherrypy.engine.subscribe("stop", lambda: app.service.close(settings.shutdown_grace), priority=90)
     if app.service.worker is None:

@@ -453,9 +453,7 @@ class Worker:
         for job_id, job in active.items():
             if job_id not in held:
                 job.cancel("the lease was lost to another worker", release=False)
-        import ctypes  # EXPERIMENT
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        release_free_memory()
         if time.monotonic() - self._last_sweep > RETENTION_SWEEP_SECONDS:
             self._last_sweep = time.monotonic()
             try:

@@ -810,3 +810,16 @@ def test_every_error_class_has_a_kind_of_its_own() -> None:
         assert not any(
             issubclass(later, cls) and later is not cls for later, _ in ERROR_KINDS[index + 1 :]
         ), cls
+
+
+def test_sync_post_is_answered_when_its_job_ends_not_at_a_poll(
+    make_client: MakeClient, files: list[dict[str, Any]]
+) -> None:
+    client = make_client(sync_wait=30)
+    service = client.application.service  # type: ignore[attr-defined]
+    # No read of the store within the wait but the first: only the job's end can answer 200.
+    service.sync_poll = (60.0, 60.0, 60.0)
+    resp = post(client, make_event(files, event_id="woken"))
+    assert resp.status_code == 200, resp.data
+    assert body(resp)["state"] == "done"
+    assert service.store.ends.woken == {"local": 1}
