@@ -236,7 +236,10 @@ class Worker:
             if ran is None:
                 self._trim_when_idle()
                 self._wakeup.wait(self.settings.poll_interval)
-                self._wakeup.clear()
+                # Once stopping, the wake-up stays set: a thread that clears it must not leave
+                # another to sleep a whole poll interval before it sees the stop.
+                if not self._stopping.is_set():
+                    self._wakeup.clear()
 
     def _trim_when_idle(self) -> None:
         """Nothing to do: give freed heap back now (at most every :data:`TRIM_IDLE_SECONDS`).
