@@ -20,7 +20,7 @@ from .errors import ServiceBusyError
 from .jobs import Job, JobError, JobState
 from .metrics import ServiceMetrics
 from .settings import Settings
-from .store import JobStore, NewJob
+from .store import FilesColumn, JobStore, NewJob
 from .webhook import ReceivedEvent
 
 LOGGER = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class Intake:
                     + ", ".join(self.settings.event_types),
                     field="type",
                 )
-            files = CloudEvent.files(event.document())
+            # Each file encoded for the store as it is checked: no list of them all.
+            files = FilesColumn()
+            CloudEvent.check_files(event.document(), files.add)
         except InvalidInputError as exc:
             if self.settings.strict:
                 if batch:

@@ -18,7 +18,6 @@ machines, so a monotonic clock would not do.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     or_,
     select,
     text,
@@ -60,6 +60,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError, first_line
+from . import eventdata
 from .ends import CHANNEL as JOB_ENDS_CHANNEL
 from .ends import JobEnds
 from .jobs import Job, JobError, JobState, dumps
@@ -92,9 +93,7 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
-    Column("event", Text, nullable=False),
-    Column("files", Text, nullable=False),
-    Column("file_count", Integer),  # len(files), read without parsing them (0004)
+    Column("file_count", Integer),  # how many files it has, read without parsing them (0004)
     Column("lease_owner", String(200)),
     Column("lease_expires", Float),
     Column("attempt_path", Text),
@@ -119,6 +118,18 @@ jobs = Table(
     Index("ix_jobs_state_run_at", "state", "run_at"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_state_lease_expires", "state", "lease_expires"),
+)
+
+# A job's event as received and its files (0007): written once, read when the job is claimed
+# and when its download is published. Out of ``jobs``, whose row every claim, renewal and end
+# rewrites (SQLite writes a whole new record for any UPDATE: 17 MB each time for a job of
+# 76,000 files).
+job_contents = Table(
+    "job_contents",
+    METADATA,
+    Column("job_id", String(32), primary_key=True),
+    Column("event", Text, nullable=False),  # the CloudEvent 1.0 JSON, its mode as "receivedmode"
+    Column("files", Text, nullable=False),  # a JSON array: each file's Cartd object and size
 )
 
 
@@ -268,16 +279,64 @@ class SchemaError(StoreError):
     retryable = False
 
 
+class FilesColumn:
+    """A job's ``files`` column, written a file at a time.
+
+    A JSON array of each file's Cartd object and ``size``, encoded a batch at a time: a list
+    of every file's dict would cost ~400 bytes a file more, the files themselves ~300.
+    """
+
+    __slots__ = ("_batch", "_chunks", "count")
+
+    def __init__(self) -> None:
+        self._chunks: list[str] = []
+        self._batch: list[dict[str, Any]] = []
+        self.count = 0
+
+    @classmethod
+    def of(cls, files: Iterable[CartFile]) -> FilesColumn:
+        column = cls()
+        for file in files:
+            column.add(file)
+        return column
+
+    def add(self, file: CartFile) -> None:
+        self._batch.append({**file.as_cartd(), "size": file.size})
+        self.count += 1
+        if len(self._batch) == _FILES_BATCH:
+            self._flush()
+
+    def text(self) -> str:
+        """The column's JSON text (made once: the pieces are joined at once)."""
+        self._flush()
+        pieces = ["["]
+        for chunk in self._chunks:
+            pieces += (chunk, ",")
+        pieces[-1:] = ["]"] if self._chunks else ["[", "]"]
+        return "".join(pieces)
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._chunks.append(dumps(self._batch)[1:-1])
+            self._batch = []
+
+
+_FILES_BATCH = 1000
+
+
 @dataclass(frozen=True)
 class NewJob:
-    """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why."""
+    """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why.
+
+    Its files are given as they are, or already encoded (:class:`FilesColumn`).
+    """
 
     id: str
     source: str
     event_id: str
     type: str
     event: Mapping[str, Any]
-    files: Sequence[CartFile] = ()
+    files: Sequence[CartFile] | FilesColumn = ()
     error: JobError | None = None
 
     @property
@@ -428,8 +487,10 @@ class JobStore:
                     del row["run_at"]  # the statement has it: the database's clock
                 else:
                     row["run_at"] = self._lease_now()
+                contents = {"job_id": row["id"], "event": row.pop("event"), "files": row.pop("files")}
                 inserted = conn.execute(self._add_job, row).first()
                 if inserted is not None:
+                    conn.execute(insert(job_contents), contents)
                     answers.append((_job(inserted), True))
                     continue
                 same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
@@ -439,14 +500,14 @@ class JobStore:
                     .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
                     .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
                 ).rowcount
-                existing = replace(_job(_select_one(conn, same, contents=False)), conflicted=bool(conflicted))
+                existing = replace(_job(_select_one(conn, same)), conflicted=bool(conflicted))
                 if (
                     existing.state == JobState.FAILED
                     and existing.error is not None
                     and existing.error.retryable
                 ):
                     _requeue(conn, existing.id, now)
-                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id, contents=False)), True))
+                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id)), True))
                 else:
                     answers.append((existing, False))
         return answers
@@ -485,7 +546,9 @@ class JobStore:
                     .returning(*jobs.c)
                 ).first()
                 if row is not None:
-                    return _job(row)
+                    # Its files, not its event: the worker reads that when it publishes (.event).
+                    files = conn.execute(select(job_contents.c.files).where(_contents_of(row.id))).scalar()
+                    return _job(row, files)
         return None
 
     def renew(self, job_ids: Iterable[str], owner: str, lease: float) -> set[str]:
@@ -649,8 +712,14 @@ class JobStore:
     def get(self, job_id: str, contents: bool = True) -> Job | None:
         """The job with this id; with ``contents=False`` without its event and files."""
         with self._read() as conn:
-            row = conn.execute(select(*_columns(contents)).where(jobs.c.id == job_id)).first()
-        return None if row is None else _job(row)
+            row = conn.execute(_select(contents).where(jobs.c.id == job_id)).first()
+        return None if row is None else _job(row, row.files if contents else None)
+
+    def event(self, job_id: str) -> dict[str, Any] | None:
+        """The job's event as stored (a large ``data`` as a :class:`.eventdata.DataList`)."""
+        with self._read() as conn:
+            text = conn.execute(select(job_contents.c.event).where(_contents_of(job_id))).scalar()
+        return None if text is None else eventdata.loads(text)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job]:
         """The jobs with these ids, in the order asked (unknown ids left out), without contents."""
@@ -732,7 +801,7 @@ class JobStore:
                 return None
             if row.state in (JobState.FAILED, JobState.QUEUED):
                 _requeue(conn, job_id, now)
-            return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
+            return _job(_select_one(conn, jobs.c.id == job_id))
 
     def delete(self, job_id: str) -> Job | None:
         """Remove the job's record and its delivered outbox rows (the caller removes its files).
@@ -744,6 +813,7 @@ class JobStore:
             conn.execute(
                 delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
             )
+            conn.execute(delete(job_contents).where(_contents_of(job_id)))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -1120,11 +1190,11 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "retry_from": now,
         "created_at": now,
         "updated_at": now,
-        "event": dumps(dict(new.event)),
+        "event": eventdata.encode(new.event),
         "event_digest": event_digest(new.event),
-        "files": _files_json(new.files),
-        "file_count": len(new.files),
     }
+    files = new.files if isinstance(new.files, FilesColumn) else FilesColumn.of(new.files)
+    row.update(files=files.text(), file_count=files.count)
     if new.error is not None:
         row.update(_error_values(new.error), finished_at=now)
     return row
@@ -1132,8 +1202,7 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
 
 def event_digest(event: Mapping[str, Any]) -> str:
     """sha256 of an event's record, without how it came (the same event may come another way)."""
-    record = {key: value for key, value in event.items() if key != "receivedmode"}
-    return hashlib.sha256(dumps(record).encode("utf-8", "surrogatepass")).hexdigest()
+    return eventdata.digest({key: value for key, value in event.items() if key != "receivedmode"})
 
 
 def _requeue(conn: Connection, job_id: str, now: float) -> None:
@@ -1153,32 +1222,29 @@ def _error_values(error: JobError) -> dict[str, Any]:
     }
 
 
-def _files_json(files: Sequence[CartFile]) -> str:
-    """The ``files`` column: a JSON array of each file's Cartd object and ``size``.
+def _select_one(conn: Connection, where: Any) -> Any:
+    return conn.execute(select(*_STATE_COLUMNS).where(where)).one()
 
-    Encoded a batch at a time: a list of every file's dict would cost ~400 bytes a file more.
-    """
-    batches = (
-        dumps([{**file.as_cartd(), "size": file.size} for file in files[start : start + 1000]])[1:-1]
-        for start in range(0, len(files), 1000)
+
+def _select(contents: bool) -> Any:
+    """A job's columns, with ``contents`` its event and files too."""
+    if not contents:
+        return select(*_STATE_COLUMNS)
+    return select(*jobs.c, job_contents.c.event, job_contents.c.files).select_from(
+        jobs.outerjoin(job_contents, job_contents.c.job_id == jobs.c.id)
     )
-    return "[" + ",".join(batches) + "]"
 
 
-def _select_one(conn: Connection, where: Any, contents: bool = True) -> Any:
-    return conn.execute(select(*_columns(contents)).where(where)).one()
+def _contents_of(job_id: Any) -> Any:
+    return job_contents.c.job_id == job_id
 
 
-# Every column but the event and its files: what a job's state and summary need. A job of
-# 76,000 files holds 18 MB of text in those two, and parsing them takes a hundred MB more.
-_STATE_COLUMNS = tuple(column for column in jobs.c if column.name not in ("event", "files"))
+# Every column of a job: its state and summary (its event and files are in job_contents).
+_STATE_COLUMNS = tuple(jobs.c)
 
 
-def _columns(contents: bool) -> tuple[Any, ...]:
-    return tuple(jobs.c) if contents else _STATE_COLUMNS
-
-
-def _job(row: Any) -> Job:
+def _job(row: Any, files_text: str | None = None) -> Job:
+    """A job from its row; its files from ``files_text``, and its event if the row has it."""
     error = None
     if row.error_kind is not None:
         error = JobError(
@@ -1188,14 +1254,14 @@ def _job(row: Any) -> Job:
             json.loads(row.error_context or "{}"),
         )
     # Each file's dict becomes its CartFile as it is parsed, so a job of many files never
-    # holds the list of dicts and the files at once. A row read without its contents (the
-    # event and the files) has neither: only its state, and how many files it has.
-    contents = "files" in row._mapping
+    # holds the list of dicts and the files at once. A job read without its contents (the
+    # event and the files) has neither: only its state, and how many files it has; a claimed
+    # one has its files but not its event.
+    contents = files_text is not None
     files: tuple[CartFile, ...] = ()
-    event = None
-    if contents:
-        files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
-        event = json.loads(row.event)
+    if files_text is not None:
+        files = tuple(json.loads(files_text, object_hook=lambda entry: CartFile(**entry)))
+    event = eventdata.loads(row.event) if "event" in row._mapping and row.event is not None else None
     return Job(
         id=row.id,
         source=row.source,

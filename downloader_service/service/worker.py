@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +324,7 @@ class Worker:
 
     def _publish(self, job: Job, path: str) -> str:
         """Add the event and its metadata to the verified files and move them into place."""
+        job = replace(job, event=self.store.event(job.id))  # read now: a claim leaves it out
         try:
             write_beside(path, job)
             apply_umask(path, self.settings.umask_bits())

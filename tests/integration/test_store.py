@@ -337,7 +337,9 @@ def test_state_reads_leave_the_event_and_files_out_but_count_the_files(store: Jo
     assert full.files == (FILE,) * 3 and full.event == {"id": "big", "data": [1, 2]}
     assert full.summary() == store.get(added.id, contents=False).summary()  # type: ignore[union-attr]
     claimed = store.claim("w1", 60)
-    assert claimed is not None and claimed.files == (FILE,) * 3 and claimed.event is not None
+    # A claim brings the files to download; the event is read when the download is published.
+    assert claimed is not None and claimed.files == (FILE,) * 3 and claimed.event is None
+    assert store.event(claimed.id) == {"id": "big", "data": [1, 2]}
 
 
 def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str, clock: Clock) -> None:
@@ -367,6 +369,44 @@ def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str,
         assert old is not None and old.file_count == 2 and old.summary()["file_count"] == 2
         empty = store.get("j0", contents=False)
         assert empty is not None and empty.file_count == 0 and "file_count" not in empty.summary()
+    finally:
+        store.close()
+
+
+def test_upgrade_to_0007_moves_each_jobs_event_and_files_out_of_its_row(store_url: str, clock: Clock) -> None:
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from downloader_service.service.store import _alembic_config
+
+    store = JobStore(store_url, clock=clock)  # an empty database, no schema yet
+    try:
+        config = _alembic_config()
+        with store._write() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0006")
+            file = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, source, event_id, type, state, attempts, run_at, retry_from,"
+                    " created_at, updated_at, event, files, file_count) VALUES ('j1', '/s', 'e', 't',"
+                    " 'queued', 0, 0, 0, 0, 0, :event, :files, 1)"
+                ),
+                {"event": '{"id":"e","data":[{"a":1}]}', "files": f"[{file}]"},
+            )
+        store.upgrade()
+        with store._read() as conn:
+            assert {"event", "files"}.isdisjoint(
+                column["name"] for column in inspect(conn).get_columns("jobs")
+            )
+        full = store.get("j1")
+        assert full is not None and full.event == {"id": "e", "data": [{"a": 1}]}
+        assert [file.path for file in full.files] == ["a"]
+        claimed = store.claim("w1", 60)
+        assert claimed is not None and claimed.id == "j1" and [file.id for file in claimed.files] == ["1"]
+        assert store.event("j1") == full.event
+        store.delete("j1")
+        assert store.event("j1") is None  # its contents went with it
     finally:
         store.close()
 
