@@ -12,12 +12,14 @@ whatever reads the list again (the files' check, the stored row, its digest,
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..jsonstream import JsonWindow
+from ..jsonstream import JsonWindow, reader
 from .jobs import dumps
 
 CHUNK = 1000  # items a chunk holds: ~130 KB of text for file objects
@@ -62,8 +64,17 @@ class DataList(Sequence[Any]):
         return cls([",".join(map(dumps, chunk)) for chunk in chunks], len(items))
 
     def __iter__(self) -> Iterator[Any]:
+        self._check()
         for chunk in self.chunks:
             yield from json.loads("[" + chunk + "]")
+
+    def release(self) -> None:
+        """Let the text go (it was stored): reading the list afterwards is an error."""
+        self.chunks = []
+
+    def _check(self) -> None:
+        if self.length and not self.chunks:
+            raise RuntimeError("this data list was released once its event was stored")
 
     def __len__(self) -> int:
         return self.length
@@ -73,6 +84,7 @@ class DataList(Sequence[Any]):
             return list(self)[index]
         if not -self.length <= index < self.length:
             raise IndexError("DataList index out of range")
+        self._check()
         chunk, at = divmod(index % self.length, CHUNK)
         return json.loads("[" + self.chunks[chunk] + "]")[at]
 
@@ -90,9 +102,49 @@ class DataList(Sequence[Any]):
 
     def pieces(self) -> Iterator[str]:
         """The array's compact JSON text, in pieces (``"".join`` them for the whole)."""
+        self._check()
         yield "["
         for index, chunk in enumerate(self.chunks):
             yield "," + chunk if index else chunk
+        yield "]"
+
+
+class StoredDataList(DataList):
+    """A stored event's ``data``, read again from the store each time it is walked.
+
+    It holds none of it: the worker walks it twice when it publishes a download.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Callable[[], Iterator[Any]], length: int) -> None:
+        super().__init__([], length)
+        self._items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items()
+
+    def _check(self) -> None:
+        return
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if not -self.length <= index < self.length:
+            raise IndexError("DataList index out of range")
+        return next(itertools.islice(self, index % self.length, None))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, DataList)):
+            return len(other) == self.length and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def pieces(self) -> Iterator[str]:
+        yield "["
+        for index, item in enumerate(self):
+            yield ("," if index else "") + dumps(item)
         yield "]"
 
 
@@ -124,15 +176,7 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     if isinstance(text, bytes) and text.startswith(b"\xef\xbb\xbf"):
         raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)")
-    position = 0
-
-    def read(size: int) -> str | bytes:
-        nonlocal position
-        piece = text[position : position + size]
-        position += size
-        return piece
-
-    window = JsonWindow(read)
+    window = JsonWindow(reader(text))
     value = read_value(window)
     window.end()
     return value
@@ -162,3 +206,20 @@ def digest(record: Mapping[str, Any]) -> str:
     for piece in pieces(record):
         sha.update(piece.encode("utf-8", "surrogatepass"))
     return sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event's record as the job store keeps it: its compact JSON, and a digest.
+
+    The digest is of the record without ``receivedmode``: the same event may come another way.
+    """
+
+    text: str
+    digest: str
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> StoredEvent:
+        return cls(
+            encode(record), digest({key: value for key, value in record.items() if key != "receivedmode"})
+        )

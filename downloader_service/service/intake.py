@@ -17,6 +17,7 @@ from typing import Any
 from ..cloudevent import CloudEvent
 from ..errors import InvalidEventError, InvalidInputError
 from .errors import ServiceBusyError
+from .eventdata import DataList, StoredEvent
 from .jobs import Job, JobError, JobState
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -106,5 +107,15 @@ class Intake:
                     context: dict[str, Any] = dict(exc.context)
                     raise type(exc)(f"batch[{index}]: {exc}", index=index, **context) from exc
                 raise
-            return NewJob(job_id, event.source, event.id, event.type, event.record(), (), JobError.of(exc))
-        return NewJob(job_id, event.source, event.id, event.type, event.record(), files)
+            return NewJob(
+                job_id, event.source, event.id, event.type, self._stored(event), (), JobError.of(exc)
+            )
+        return NewJob(job_id, event.source, event.id, event.type, self._stored(event), files)
+
+    @staticmethod
+    def _stored(event: ReceivedEvent) -> StoredEvent:
+        """The event encoded for the store; a large ``data``'s own text let go once encoded."""
+        stored = StoredEvent.of(event.record())
+        if isinstance(event.data, DataList):
+            event.data.release()  # 10 MB for the largest event, not held beside its stored text
+        return stored

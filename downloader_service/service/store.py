@@ -18,6 +18,7 @@ machines, so a monotonic clock would not do.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -60,9 +62,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError, first_line
+from ..jsonstream import JsonWindow, reader
 from . import eventdata
 from .ends import CHANNEL as JOB_ENDS_CHANNEL
 from .ends import JobEnds
+from .eventdata import StoredEvent
 from .jobs import Job, JobError, JobState, dumps
 
 LOGGER = logging.getLogger(__name__)
@@ -120,15 +124,22 @@ jobs = Table(
     Index("ix_jobs_state_lease_expires", "state", "lease_expires"),
 )
 
-# A job's event as received and its files (0007): written once, read when the job is claimed
-# and when its download is published. Out of ``jobs``, whose row every claim, renewal and end
-# rewrites (SQLite writes a whole new record for any UPDATE: 17 MB each time for a job of
-# 76,000 files).
-job_contents = Table(
-    "job_contents",
+# A job's event as received, and its files (0007): each written once, in a table of its own,
+# out of ``jobs``, whose row every claim, renewal and end rewrites (SQLite writes a whole new
+# record for any UPDATE: 17 MB each time for a job of 76,000 files). A claim reads the files,
+# the publishing of a download the event. On SQLite each is written through SQLite's blob
+# I/O, a piece at a time (see JobStore._put_text): bound as a parameter, SQLite copied the
+# text twice more (35 MB at once for the largest event).
+job_events = Table(
+    "job_events",
     METADATA,
     Column("job_id", String(32), primary_key=True),
     Column("event", Text, nullable=False),  # the CloudEvent 1.0 JSON, its mode as "receivedmode"
+)
+job_files = Table(
+    "job_files",
+    METADATA,
+    Column("job_id", String(32), primary_key=True),
     Column("files", Text, nullable=False),  # a JSON array: each file's Cartd object and size
 )
 
@@ -328,14 +339,15 @@ _FILES_BATCH = 1000
 class NewJob:
     """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why.
 
-    Its files are given as they are, or already encoded (:class:`FilesColumn`).
+    Its event and files are given as they are, or already encoded (:class:`.StoredEvent`,
+    :class:`FilesColumn`).
     """
 
     id: str
     source: str
     event_id: str
     type: str
-    event: Mapping[str, Any]
+    event: Mapping[str, Any] | StoredEvent
     files: Sequence[CartFile] | FilesColumn = ()
     error: JobError | None = None
 
@@ -490,7 +502,8 @@ class JobStore:
                 contents = {"job_id": row["id"], "event": row.pop("event"), "files": row.pop("files")}
                 inserted = conn.execute(self._add_job, row).first()
                 if inserted is not None:
-                    conn.execute(insert(job_contents), contents)
+                    self._put_text(conn, job_events, "event", row["id"], contents["event"])
+                    self._put_text(conn, job_files, "files", row["id"], contents["files"])
                     answers.append((_job(inserted), True))
                     continue
                 same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
@@ -512,6 +525,24 @@ class JobStore:
                     answers.append((existing, False))
         return answers
 
+    def _put_text(self, conn: Connection, table: Table, column: str, job_id: str, text: str) -> None:
+        """Insert ``(job_id, text)`` into ``table``; on SQLite, the text a MiB at a time.
+
+        SQLite reserves the value (``zeroblob``, not materialised as the record's last column)
+        and the text is written into it through the blob I/O, so neither the sqlite3 module nor
+        SQLite holds a copy of it whole. It reads back as UTF-8 bytes (a BLOB), which every
+        reader here decodes as it decodes text.
+        """
+        if self.dialect != "sqlite" or len(text) < (1 << 20):
+            conn.execute(insert(table), {"job_id": job_id, column: text})
+            return
+        size = len(text) if text.isascii() else sum(map(len, _utf8_pieces(text)))
+        reserve = insert(table).values({"job_id": job_id, column: func.zeroblob(size)})
+        rowid: int = conn.execute(reserve.returning(literal_column("rowid"))).scalar_one()
+        with conn.connection.dbapi_connection.blobopen(table.name, column, rowid) as blob:  # type: ignore[union-attr]
+            for piece in _utf8_pieces(text):
+                blob.write(piece)
+
     # --------------------------------------------------- claim and lease
     def claim(self, owner: str, lease: float) -> Job | None:
         """Take a job whose worker's lease ran out, else the next job that is due.
@@ -519,36 +550,43 @@ class JobStore:
         Two queries, each walking an index in order and stopping at its first row (an OR of
         both would scan and sort every due row: 183 ms a claim with 100,000 queued).
         """
-        now = self._lease_now()
+        with self._write() as conn:
+            row = self._claim_row(conn, owner, lease, self._lease_now())
+        if row is None:
+            return None
+        # Its files, read after the claim's write transaction (the write lock is not held while
+        # 76,000 of them are parsed); not its event: the worker reads that when it publishes.
+        files = self.files(row.id)
+        return replace(_job(row), files=files, file_count=len(files))
+
+    def _claim_row(self, conn: Connection, owner: str, lease: float, now: Any) -> Any:
+        """The row of the job :meth:`claim` takes, leased to ``owner``; None if none is due."""
         orphaned = (jobs.c.state == JobState.RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
         due = (jobs.c.state == JobState.QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
-        with self._write() as conn:
-            for state, ready, order, died in (orphaned, due):
-                candidate = (
-                    select(jobs.c.id)
-                    .where(state, ready)
-                    .order_by(order)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
-                    .scalar_subquery()
+        for state, ready, order, died in (orphaned, due):
+            candidate = (
+                select(jobs.c.id)
+                .where(state, ready)
+                .order_by(order)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == candidate)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires=now + lease,
+                    attempts=jobs.c.attempts + 1,
+                    deaths=jobs.c.deaths + died,
+                    updated_at=self.clock(),
                 )
-                row = conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == candidate)
-                    .values(
-                        state=JobState.RUNNING,
-                        lease_owner=owner,
-                        lease_expires=now + lease,
-                        attempts=jobs.c.attempts + 1,
-                        deaths=jobs.c.deaths + died,
-                        updated_at=self.clock(),
-                    )
-                    .returning(*jobs.c)
-                ).first()
-                if row is not None:
-                    # Its files, not its event: the worker reads that when it publishes (.event).
-                    files = conn.execute(select(job_contents.c.files).where(_contents_of(row.id))).scalar()
-                    return _job(row, files)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                return row
         return None
 
     def renew(self, job_ids: Iterable[str], owner: str, lease: float) -> set[str]:
@@ -716,10 +754,67 @@ class JobStore:
         return None if row is None else _job(row, row.files if contents else None)
 
     def event(self, job_id: str) -> dict[str, Any] | None:
-        """The job's event as stored (a large ``data`` as a :class:`.eventdata.DataList`)."""
+        """The job's event as stored, its ``data`` never held.
+
+        The data is read from the store again each time it is walked
+        (a :class:`.eventdata.StoredDataList`).
+        """
+        with self._reading(job_events, "event", job_id) as window:
+            if window is None:
+                return None
+            if window.peek() != "{":
+                value: dict[str, Any] = window.value()
+                return value
+            event: dict[str, Any] = {}
+            for key in window.members():
+                if key == "data" and window.peek() == "[":
+                    length = sum(1 for _ in window.items() if _skip(window))
+                    event[key] = eventdata.StoredDataList(functools.partial(self._data, job_id), length)
+                else:
+                    event[key] = window.value()
+            window.end()
+        return event
+
+    def _data(self, job_id: str) -> Iterator[Any]:
+        """The items of the job's stored event's ``data``, each decoded in its turn."""
+        with self._reading(job_events, "event", job_id) as window:
+            for key in window.members() if window is not None else ():
+                if key != "data":
+                    window.value()  # type: ignore[union-attr]
+                    continue
+                for _ in window.items():  # type: ignore[union-attr]
+                    yield window.value()  # type: ignore[union-attr]
+                return
+
+    def files(self, job_id: str) -> tuple[CartFile, ...]:
+        """The job's files, each made as it is read (never a dict of every one, nor the text)."""
+        with self._reading(job_files, "files", job_id) as window:
+            if window is None:
+                return ()
+            files = tuple(CartFile(**window.value()) for _ in window.items())
+            window.end()
+        return files
+
+    @contextmanager
+    def _reading(self, table: Table, column: str, job_id: str) -> Iterator[JsonWindow | None]:
+        """The stored JSON of ``table.column`` for the job, to walk (None if there is none).
+
+        On SQLite read through the blob I/O a window at a time, never whole; PostgreSQL sends
+        the value whole.
+        """
         with self._read() as conn:
-            text = conn.execute(select(job_contents.c.event).where(_contents_of(job_id))).scalar()
-        return None if text is None else eventdata.loads(text)
+            where = table.c.job_id == job_id
+            if self.dialect != "sqlite":
+                value = conn.execute(select(table.c[column]).where(where)).scalar()
+                yield None if value is None else JsonWindow(reader(value))
+                return
+            rowid = conn.execute(select(literal_column("rowid")).select_from(table).where(where)).scalar()
+            if rowid is None:
+                yield None
+                return
+            raw = conn.connection.dbapi_connection
+            with raw.blobopen(table.name, column, rowid, readonly=True) as blob:  # type: ignore[union-attr]
+                yield JsonWindow(blob.read)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job]:
         """The jobs with these ids, in the order asked (unknown ids left out), without contents."""
@@ -813,7 +908,8 @@ class JobStore:
             conn.execute(
                 delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
             )
-            conn.execute(delete(job_contents).where(_contents_of(job_id)))
+            conn.execute(delete(job_events).where(job_events.c.job_id == job_id))
+            conn.execute(delete(job_files).where(job_files.c.job_id == job_id))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -1179,6 +1275,7 @@ def _alembic_config() -> Any:
 
 
 def _new_row(new: NewJob, now: float) -> dict[str, Any]:
+    stored = new.event if isinstance(new.event, StoredEvent) else StoredEvent.of(new.event)
     row: dict[str, Any] = {
         "id": new.id,
         "source": new.source,
@@ -1190,8 +1287,8 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "retry_from": now,
         "created_at": now,
         "updated_at": now,
-        "event": eventdata.encode(new.event),
-        "event_digest": event_digest(new.event),
+        "event": stored.text,
+        "event_digest": stored.digest,
     }
     files = new.files if isinstance(new.files, FilesColumn) else FilesColumn.of(new.files)
     row.update(files=files.text(), file_count=files.count)
@@ -1202,7 +1299,7 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
 
 def event_digest(event: Mapping[str, Any]) -> str:
     """sha256 of an event's record, without how it came (the same event may come another way)."""
-    return eventdata.digest({key: value for key, value in event.items() if key != "receivedmode"})
+    return StoredEvent.of(event).digest
 
 
 def _requeue(conn: Connection, job_id: str, now: float) -> None:
@@ -1230,16 +1327,26 @@ def _select(contents: bool) -> Any:
     """A job's columns, with ``contents`` its event and files too."""
     if not contents:
         return select(*_STATE_COLUMNS)
-    return select(*jobs.c, job_contents.c.event, job_contents.c.files).select_from(
-        jobs.outerjoin(job_contents, job_contents.c.job_id == jobs.c.id)
+    return select(*jobs.c, job_events.c.event, job_files.c.files).select_from(
+        jobs.outerjoin(job_events, job_events.c.job_id == jobs.c.id).outerjoin(
+            job_files, job_files.c.job_id == jobs.c.id
+        )
     )
 
 
-def _contents_of(job_id: Any) -> Any:
-    return job_contents.c.job_id == job_id
+def _skip(window: JsonWindow) -> bool:
+    """Read the value at hand and let it go."""
+    window.value()
+    return True
 
 
-# Every column of a job: its state and summary (its event and files are in job_contents).
+def _utf8_pieces(text: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """``text`` encoded as UTF-8, ``size`` characters at a time."""
+    for start in range(0, len(text), size):
+        yield text[start : start + size].encode("utf-8")
+
+
+# Every column of a job: its state and summary (its event and files are in job_events, job_files).
 _STATE_COLUMNS = tuple(jobs.c)
 
 

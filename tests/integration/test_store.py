@@ -435,3 +435,25 @@ def test_leases_on_postgresql_keep_to_the_databases_clock_whatever_a_workers_clo
     finally:
         for store in (honest, ahead, naive):
             store.close()
+
+
+def test_a_large_event_and_its_files_go_in_and_come_back_a_piece_at_a_time(store: JobStore) -> None:
+    """Over 1 MiB each: SQLite's blob I/O writes and reads them; PostgreSQL takes them whole."""
+    files = tuple(
+        CartFile(str(index), f"d/é-{index}.txt", "sha1", f"{index:040x}", index) for index in range(12_000)
+    )
+    data = [
+        {"destinationTable": "Files", "_id": index, "name": f"é-{index}.txt", "n": "x" * 80}
+        for index in range(12_000)
+    ]
+    event = {"id": "big", "source": "/src", "data": data}
+    [(added, _)] = store.add([NewJob(uuid.uuid4().hex, "/src", "big", "t", event, files)])
+    claimed = store.claim("w1", 60)
+    assert claimed is not None and claimed.id == added.id
+    assert claimed.files == files and [file.size for file in claimed.files] == list(range(12_000))
+    stored = store.event(added.id)
+    assert stored is not None and stored["id"] == "big" and len(stored["data"]) == 12_000
+    assert stored["data"] == data  # read from the store again, an item at a time
+    assert list(stored["data"]) == data  # and again
+    full = store.get(added.id)
+    assert full is not None and full.files == files and full.event == event
