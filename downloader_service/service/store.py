@@ -777,13 +777,14 @@ class JobStore:
     def _data(self, job_id: str) -> Iterator[Any]:
         """The items of the job's stored event's ``data``, each decoded in its turn."""
         with self._reading(job_events, "event", job_id) as window:
-            for key in window.members() if window is not None else ():
-                if key != "data":
-                    window.value()  # type: ignore[union-attr]
-                    continue
-                for _ in window.items():  # type: ignore[union-attr]
-                    yield window.value()  # type: ignore[union-attr]
+            if window is None:
                 return
+            for key in window.members():
+                if key == "data":
+                    for _ in window.items():
+                        yield window.value()
+                    return
+                window.value()
 
     def files(self, job_id: str) -> tuple[CartFile, ...]:
         """The job's files, each made as it is read (never a dict of every one, nor the text)."""
