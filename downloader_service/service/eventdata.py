@@ -148,6 +148,21 @@ class StoredDataList(DataList):
         yield "]"
 
 
+def data_items(window: JsonWindow) -> Iterator[Any]:
+    """Each item of the ``data`` array of the event object at hand, decoded in its turn."""
+    for key in window.members():
+        if key == "data" and window.peek() == "[":
+            for _ in window.items():
+                yield window.value()
+            return
+        window.value()
+
+
+def stored_data(text: str, length: int) -> StoredDataList:
+    """The ``data`` of an event's stored ``text``, read from the text anew each time it is walked."""
+    return StoredDataList(lambda: data_items(JsonWindow(reader(text))), length)
+
+
 def read_value(window: JsonWindow) -> Any:
     """The JSON value at hand, each ``data`` array of it read as a :class:`DataList`.
 

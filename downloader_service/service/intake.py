@@ -16,6 +16,7 @@ from typing import Any
 
 from ..cloudevent import CloudEvent
 from ..errors import InvalidEventError, InvalidInputError
+from . import eventdata
 from .errors import ServiceBusyError
 from .eventdata import DataList, StoredEvent
 from .jobs import Job, JobError, JobState
@@ -91,6 +92,13 @@ class Intake:
                     f"the event's {name} is longer than {MAX_KEY_LENGTH} characters", field=name
                 )
         job_id = uuid.uuid4().hex
+        stored = StoredEvent.of(event.record())
+        document = event.document()
+        if isinstance(event.data, DataList):
+            # The stored text has it all: the chunks go (10 MB for the largest event) before
+            # the files are checked, and the check reads the data from the stored text.
+            event.data.release()
+            document["data"] = eventdata.stored_data(stored.text, len(event.data))
         try:
             if event.type not in self.settings.event_types:
                 raise InvalidEventError(
@@ -100,22 +108,12 @@ class Intake:
                 )
             # Each file encoded for the store as it is checked: no list of them all.
             files = FilesColumn()
-            CloudEvent.check_files(event.document(), files.add)
+            CloudEvent.check_files(document, files.add)
         except InvalidInputError as exc:
             if self.settings.strict:
                 if batch:
                     context: dict[str, Any] = dict(exc.context)
                     raise type(exc)(f"batch[{index}]: {exc}", index=index, **context) from exc
                 raise
-            return NewJob(
-                job_id, event.source, event.id, event.type, self._stored(event), (), JobError.of(exc)
-            )
-        return NewJob(job_id, event.source, event.id, event.type, self._stored(event), files)
-
-    @staticmethod
-    def _stored(event: ReceivedEvent) -> StoredEvent:
-        """The event encoded for the store; a large ``data``'s own text let go once encoded."""
-        stored = StoredEvent.of(event.record())
-        if isinstance(event.data, DataList):
-            event.data.release()  # 10 MB for the largest event, not held beside its stored text
-        return stored
+            return NewJob(job_id, event.source, event.id, event.type, stored, (), JobError.of(exc))
+        return NewJob(job_id, event.source, event.id, event.type, stored, files)

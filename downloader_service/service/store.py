@@ -777,14 +777,8 @@ class JobStore:
     def _data(self, job_id: str) -> Iterator[Any]:
         """The items of the job's stored event's ``data``, each decoded in its turn."""
         with self._reading(job_events, "event", job_id) as window:
-            if window is None:
-                return
-            for key in window.members():
-                if key == "data":
-                    for _ in window.items():
-                        yield window.value()
-                    return
-                window.value()
+            if window is not None:
+                yield from eventdata.data_items(window)
 
     def files(self, job_id: str) -> tuple[CartFile, ...]:
         """The job's files, each made as it is read (never a dict of every one, nor the text)."""

@@ -103,3 +103,31 @@ def test_a_large_malformed_body_is_refused_as_a_small_one_is(body: bytes) -> Non
     unicode = isinstance(parsed.value, UnicodeDecodeError)
     with pytest.raises(UnicodeDecodeError if unicode else ValueError, match=r"\w"):
         eventdata.loads(padded)
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["valid", "one-bad-file"])
+def test_the_intake_makes_the_same_job_of_a_large_event_as_of_the_parsed_one(broken: bool) -> None:
+    """Its files checked from the stored text, after the chunks were let go: same row, same error."""
+    from dataclasses import replace
+
+    from downloader_service.service.intake import Intake
+    from downloader_service.service.metrics import ServiceMetrics
+    from downloader_service.service.settings import settings_from_env
+    from downloader_service.service.store import FilesColumn, StoredEvent
+
+    event = large_event()
+    event["data"][-1]["value"] = "plain"  # type: ignore[index]  # one surrogate escapes all of dumps' text
+    if broken:
+        event["data"][1700]["hashsum"] = "not hex"  # type: ignore[index]
+    (received,) = parse_request({"content-type": "application/cloudevents+json"}, json.dumps(event).encode())
+    parsed = replace(received, data=json.loads(json.dumps(event))["data"])
+    intake = Intake(settings_from_env({}), None, ServiceMetrics())  # type: ignore[arg-type]  # new_job stores nothing
+    streamed_job, parsed_job = intake.new_job(received), intake.new_job(parsed)
+    assert isinstance(received.data, DataList) and not received.data.chunks  # let go
+    assert isinstance(streamed_job.event, StoredEvent) and streamed_job.event == parsed_job.event
+    assert streamed_job.error == parsed_job.error
+    assert (streamed_job.error is not None) == broken
+    if not broken:
+        assert isinstance(streamed_job.files, FilesColumn) and isinstance(parsed_job.files, FilesColumn)
+        assert streamed_job.files.count == parsed_job.files.count == len(FILES)
+        assert streamed_job.files.text() == parsed_job.files.text()
