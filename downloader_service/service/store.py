@@ -64,6 +64,7 @@ from ..errors import DownloaderError, first_line
 from ..jsonstream import JsonWindow, reader
 from . import eventdata
 from .ends import CHANNEL as JOB_ENDS_CHANNEL
+from .ends import QUEUED_CHANNEL as JOBS_QUEUED_CHANNEL
 from .ends import JobEnds
 from .eventdata import StoredEvent
 from .jobs import Job, JobError, JobState, dumps
@@ -491,6 +492,7 @@ class JobStore:
         """
         now = self.clock()
         answers = []
+        queued = False
         with self._write() as conn:
             for new in new_jobs:
                 row = _new_row(new, now)
@@ -504,6 +506,7 @@ class JobStore:
                     self._put_text(conn, job_events, "event", row["id"], contents["event"])
                     self._put_text(conn, job_files, "files", row["id"], contents["files"])
                     answers.append((_job(inserted), True))
+                    queued = queued or inserted.state == JobState.QUEUED
                     continue
                 same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
                 digest = row["event_digest"]
@@ -522,6 +525,8 @@ class JobStore:
                     answers.append((_job(_select_one(conn, jobs.c.id == existing.id)), True))
                 else:
                     answers.append((existing, False))
+            if queued:
+                _announce_queued(conn)
         return answers
 
     def _put_text(self, conn: Connection, table: Table, column: str, job_id: str, text: str) -> None:
@@ -613,7 +618,8 @@ class JobStore:
             raise TypeError(
                 f"note_attempt takes attempt_path, cart_url, download_path, not {sorted(unknown)}"
             )
-        return self._update_held(job_id, owner, (), **values)
+        columns: dict[str, Any] = dict(values)
+        return self._update_held(job_id, owner, (), **columns)
 
     def finish(
         self,
@@ -699,6 +705,7 @@ class JobStore:
             job_id,
             owner,
             notices,
+            due_now=True,
             state=JobState.QUEUED,
             run_at=self._lease_now(),
             attempts=jobs.c.attempts - 1,
@@ -707,13 +714,16 @@ class JobStore:
             **leftovers,
         )
 
-    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
+    def _update_held(
+        self, job_id: str, owner: str, notices: Sequence[Notice] = (), *, due_now: bool = False, **values: Any
+    ) -> bool:
         """Update a running job only while ``owner`` still holds its lease.
 
         ``notices`` go into the outbox in the same transaction (the transactional outbox): the
         job's end and what must follow it (its completion event, deleting its cart) are
         committed together or not at all. When the update ends the job (done or failed),
         whoever waits for it is woken: on PostgreSQL by a NOTIFY sent when, and only if, it commits.
+        ``due_now``: the job is handed back, due at once; workers in other processes are told.
         """
         ends = values.get("state") in (JobState.DONE, JobState.FAILED)
         now = self.clock()
@@ -741,6 +751,8 @@ class JobStore:
                 )
             if ends and result.rowcount and self.dialect == "postgresql":
                 conn.execute(select(func.pg_notify(JOB_ENDS_CHANNEL, job_id)))
+            if due_now and result.rowcount:
+                _announce_queued(conn)
         if ends and result.rowcount:
             self.ends.ended([job_id])
         return bool(result.rowcount)
@@ -1302,6 +1314,13 @@ def _requeue(conn: Connection, job_id: str, now: float) -> None:
         .where(jobs.c.id == job_id)
         .values(state=JobState.QUEUED, run_at=now, retry_from=now, updated_at=now, finished_at=None)
     )
+    _announce_queued(conn)
+
+
+def _announce_queued(conn: Connection) -> None:
+    """On PostgreSQL, tell workers in other processes that a job is due now (sent at commit)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(JOBS_QUEUED_CHANNEL, "")))
 
 
 def _error_values(error: JobError) -> dict[str, Any]:

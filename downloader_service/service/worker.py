@@ -173,6 +173,9 @@ class Worker:
         heartbeat.start()
         self._threads.append(heartbeat)
         self.deliverer.start()
+        # Jobs another process makes due (an intake-only serve, an operator's retry) wake the
+        # idle threads at once on PostgreSQL, not at their next poll.
+        self.store.ends.on_queued(self.wake)
         return self
 
     def wake(self) -> None:
