@@ -64,7 +64,10 @@ from tests.fakecartd import Cart, FakeCartd  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVICE_EXE = REPO / ".venv" / "bin" / "downloader-service"
+# py-spy (the test extra): the venv's, else the first on PATH.
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+if not PY_SPY.exists() and shutil.which("py-spy"):
+    PY_SPY = Path(str(shutil.which("py-spy")))
 DEFAULT_OUT = REPO / "benchmarks" / "scale-results.md"
 WORKER_COUNTS = (1, 2, 4)
 THROUGHPUT_TARGET = 3.0  # 4 workers >= 3x one
@@ -122,7 +125,16 @@ class Processes:
 def service_env(work: Path, extra: dict[str, str]) -> dict[str, str]:
     """The environment without any DOWNLOADER_* of the caller's, plus ``extra``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DOWNLOADER_")}
-    env.update({"DOWNLOADER_HOST": HOST, "DOWNLOADER_STATE_DIR": str(work / "state"), **extra})
+    # PYTHONPATH ahead of the editable install's finder, which may point at another checkout:
+    # the code measured is this checkout's (or --baseline's, which sets its own).
+    env.update(
+        {
+            "DOWNLOADER_HOST": HOST,
+            "DOWNLOADER_STATE_DIR": str(work / "state"),
+            "PYTHONPATH": str(REPO),
+            **extra,
+        }
+    )
     return env
 
 
@@ -553,7 +565,7 @@ def intake(
     if database:
         env["DOWNLOADER_DATABASE_URL"] = database
     if code is not None:
-        env["PYTHONPATH"] = str(code)  # ahead of the editable install's finder
+        env["PYTHONPATH"] = str(code)
     started = [start_serve(setup.procs, work, env, f"intake-{label}-{n}") for n in range(replicas)]
     pids = [proc.pid for _url, proc in started]
     parties: dict[str, Callable[[], float]] = {
@@ -903,8 +915,16 @@ def main(argv: Sequence[str]) -> int:
     command = " ".join([".venv/bin/python", "benchmarks/scale.py", *argv])
     loads = f"- load average (1 min) at the start: {load_began:.2f}, at the end: {os.getloadavg()[0]:.2f}"
     facts = [f"- code: {code_began}", *machine(), loads]
+    # Without the workers' part, the report's older sections ("## ...", e.g. the workers' last
+    # run) are kept below the new one.
+    kept = ""
+    if args.skip_workers and args.out.exists():
+        old = args.out.read_text(encoding="utf-8")
+        at = old.find("\n## ")
+        kept = "" if at < 0 else old[at:]
     args.out.write_text(
-        "\n".join([f"# Scale-out benchmark, {when}", "", f"Command: `{command}`", "", *facts, "", table]),
+        "\n".join([f"# Scale-out benchmark, {when}", "", f"Command: `{command}`", "", *facts, "", table])
+        + kept,
         encoding="utf-8",
     )
     log(f"written to {args.out}")
