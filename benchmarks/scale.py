@@ -643,6 +643,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("HTTPRequest.parse_request ", "HTTPRequest.read_request_headers ", "HTTPRequest.read_request_line "),
     ),
     ("CherryPy: WSGI, dispatch, tools, response headers", ("CPWSGIApp.__call__ ",)),
+    (
+        "POST / past CherryPy: request headers, answer, access line (app.Application)",
+        ("Application.__call__ (downloader_service", "Application._post "),
+    ),
     ("handler: body, status, JSON answer (app.py)", ("json_handler.<locals>.handler ",)),
     ("webhook: parse + validate the event (webhook.py)", ("service/webhook.py",)),
     ("the job from the event: file list, ids (Intake.new_job)", ("Intake.new_job ",)),
@@ -652,9 +656,9 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("_ConnectionFairy._checkout ",),
     ),
     ("store.add: SELECT of the row just inserted (_select_one)", ("_select_one ",)),
-    ("store: row -> Job (_job: JSON decode of event and files)", ("_job (",)),
+    ("store: the answer's Job (from the row inserted, or read back)", ("_job (", "_new_job (")),
     ("answer: job summary + status URL (Service.answer)", ("Service.answer ",)),
-    ("logging: JSON lines (event accepted + CherryPy access line), redaction", ("Logger.", "LogManager.")),
+    ("logging: JSON lines (the access line, with the job), redaction", ("Logger.", "LogManager.")),
     ("metrics (prometheus_client)", ("prometheus_client",)),
 )
 
