@@ -656,7 +656,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("_ConnectionFairy._checkout ",),
     ),
     ("store.add: SELECT of the row just inserted (_select_one)", ("_select_one ",)),
-    ("store: the answer's Job (from the row inserted, or read back)", ("_job (", "_new_job (")),
+    (
+        "store: the answer's Job (from the row inserted, or read back)",
+        ("_job (downloader_service", "_new_job ("),
+    ),
     ("answer: job summary + status URL (Service.answer)", ("Service.answer ",)),
     ("logging: JSON lines (the access line, with the job), redaction", ("Logger.", "LogManager.")),
     ("metrics (prometheus_client)", ("prometheus_client",)),

@@ -579,7 +579,7 @@ class Application(cherrypy.Application):  # type: ignore[misc]
             out = {
                 "Content-Type": JSON_TYPE,
                 "Server": _SERVER,
-                "Date": httputil.HTTPDate(),
+                "Date": _http_date(),
                 "Allow": self._allow,
                 **response.headers,
                 "Content-Length": str(len(body)),
@@ -597,6 +597,16 @@ class Application(cherrypy.Application):  # type: ignore[misc]
 
 _CGI_HEADER_NAMES: Final[dict[str, str]] = dict(_cpwsgi.AppResponse.headerNames)
 _SERVER: Final = f"CherryPy/{cherrypy.__version__}"
+_date = (0, "")  # the Date header of the current second, and that second
+
+
+def _http_date() -> str:
+    """The ``Date`` header CherryPy sends (``httputil.HTTPDate``), made once a second."""
+    global _date  # a cache of one value, replaced whole
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, httputil.HTTPDate(second))
+    return _date[1]
 
 
 def _access(log: Any, environ: dict[str, Any], status: int, length: str, headers: dict[str, str]) -> None:

@@ -930,3 +930,36 @@ def test_an_accepted_event_is_one_access_line_naming_its_job(
         "event accepted",
         "event accepted",
     ]
+
+
+def test_redact_masks_what_every_pattern_masks_and_skips_the_rest() -> None:
+    # redact() runs a pattern only on text with the character it needs: the same result as all three.
+    from downloader_service.service import logs
+
+    def every_pattern(text: str) -> str:
+        text = logs._SECRET_PARAM.sub(logs._MASKED, text)
+        text = logs._AUTH_HEADER.sub(logs._MASKED, text)
+        return logs._URL_PASSWORD.sub(logs._MASKED + "@", text)
+
+    pieces = [
+        "GET /jobs?",
+        "access_token=abc",
+        "&client_password=p",
+        "Authorization: Bearer x",
+        "authorization=y",
+        "'Authorization': 'Basic eA=='",
+        "postgresql://u:secret@db/x",
+        "http://h:1/",
+        "@",
+        "=",
+        ":",
+        " ",
+        "queued",
+        "3f2a9c1b7d4e",
+    ]
+    import itertools
+
+    for length in (1, 2, 3):
+        for parts in itertools.product(pieces, repeat=length):
+            text = "".join(parts)
+            assert logs.redact(text) == every_pattern(text), text
