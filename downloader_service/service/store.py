@@ -1,8 +1,9 @@
 """The job store: the schema and every query of jobs, on SQLite or PostgreSQL (SQLAlchemy Core).
 
 Jobs are rows. The intake inserts one per event, in the same transaction for a whole batch,
-before it answers; a unique key on (``source``, ``event_id``) makes a second delivery of an
-event find the first job instead of making another. Workers claim a job by setting its
+before it answers; requests that arrive together share that transaction too (a group commit:
+one INSERT, one commit, one flush to disk for all of them). A unique key on (``source``,
+``event_id``) makes a second delivery of an event find the first job instead of making another. Workers claim a job by setting its
 ``lease_owner`` and ``lease_expires``: on PostgreSQL the candidate row is locked with
 ``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines never claim
 the same job; on SQLite every write transaction is ``BEGIN IMMEDIATE``, which serialises them.
