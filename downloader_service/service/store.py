@@ -3,14 +3,14 @@
 Jobs are rows. The intake inserts one per event, in the same transaction for a whole batch,
 before it answers; requests that arrive together share that transaction too (a group commit:
 one INSERT, one commit, one flush to disk for all of them). A unique key on (``source``,
-``event_id``) makes a second delivery of an event find the first job instead of making another. Workers claim a job by setting its
-``lease_owner`` and ``lease_expires``: on PostgreSQL the candidate row is locked with
-``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines never claim
-the same job; on SQLite every write transaction is ``BEGIN IMMEDIATE``, which serialises them.
-A worker renews its leases while it works; a job whose lease ran out is claimable again, and
-its claimer cleans what the dead attempt left (``attempt_path``, ``cart_url``). Every change a
-worker makes is conditional on still holding the lease, so a worker that lost its job can
-no longer touch it.
+``event_id``) makes a second delivery of an event find the first job instead of making
+another. Workers claim a job by setting its ``lease_owner`` and ``lease_expires``: on
+PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED``, so any number of
+workers on any number of machines never claim the same job; on SQLite every write
+transaction is ``BEGIN IMMEDIATE``, which serialises them. A worker renews its leases while
+it works; a job whose lease ran out is claimable again, and its claimer cleans what the dead
+attempt left (``attempt_path``, ``cart_url``). Every change a worker makes is conditional on
+still holding the lease, so a worker that lost its job can no longer touch it.
 
 Times are seconds since the epoch from the injected ``clock``: the database is shared by
 machines, so a monotonic clock would not do.
