@@ -58,7 +58,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError, first_line
@@ -75,6 +75,8 @@ _UPGRADE_LOCK: Final = 0x70616369666963  # "pacific"
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 SQLITE_POOL_MAX: Final = 12
 SQLITE_CACHE_KIB: Final = 512
+# A PostgreSQL connection used less than this many seconds ago goes to the intake unpinged.
+PING_IDLE: Final = 1.0
 
 METADATA = MetaData()
 
@@ -343,12 +345,12 @@ class JobStore:
         # clocks drift; one running 120 s ahead took over jobs others still ran). SQLite is one
         # machine's file. A clock injected by a test stands in for it unless db_clock says so.
         self.db_clock = self.dialect == "postgresql" and (clock is None if db_clock is None else db_clock)
+        # Set while this thread's intake group takes its connection (see _postgres_engine).
+        self._intake = threading.local()
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url, parsed.database, pool_size, max_overflow)
         elif self.dialect == "postgresql":
-            self.engine = create_engine(
-                self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-            )
+            self.engine = _postgres_engine(self.url, pool_size, max_overflow, self._pings)
         else:
             raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
         self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
@@ -385,6 +387,14 @@ class JobStore:
             if self.dialect == "postgresql"
             else None
         )
+
+    def _pings(self) -> bool:
+        """Whether a connection used moments ago is pinged before this thread uses it again.
+
+        Not for the intake's group: it pays a round trip per group otherwise, and a group that
+        met a dead connection is inserted again (see :meth:`_lead`).
+        """
+        return not getattr(self._intake, "active", False)
 
     def close(self) -> None:
         """Stop listening for job ends and close every pooled connection."""
@@ -472,8 +482,8 @@ class JobStore:
         try:
             answers = self._add_group([ticket.new_jobs for ticket in group])
         except Exception as exc:  # noqa: BLE001 -- whatever it was, each caller meets it alone
-            if len(group) == 1:
-                own.error = exc  # alone already: this is its answer
+            if len(group) == 1 and not _dead_connection(exc):
+                own.error = exc  # alone already: this is its answer (a dead connection: once more)
             # else every caller, this one too, tries its own jobs alone (answers stay None)
         else:
             for ticket, answer in zip(group, answers, strict=True):
@@ -505,22 +515,33 @@ class JobStore:
             if len(row) < len(columns):
                 for key in columns.difference(row):
                     row[key] = None
-        with self._write() as conn:
-            inserted: dict[str, float] = {}
-            if rows:
-                inserted.update((row.id, row.run_at) for row in conn.execute(self._add_job, rows))
-            answers = []
-            at = 0
-            for new_jobs in groups:
-                answer = []
-                for new, row in zip(new_jobs, rows[at : at + len(new_jobs)], strict=True):
-                    run_at = inserted.get(row["id"])
-                    if run_at is not None:
-                        answer.append((_new_job(row, run_at), True))
-                    else:
-                        answer.append(self._known(conn, new, row["event_digest"], now))
-                answers.append(answer)
-                at += len(new_jobs)
+        self._intake.active = True
+        try:
+            with self._write() as conn:
+                self._intake.active = False
+                return self._insert_group(conn, groups, rows, now)
+        finally:
+            self._intake.active = False
+
+    def _insert_group(
+        self, conn: Connection, groups: Sequence[Sequence[NewJob]], rows: list[dict[str, Any]], now: float
+    ) -> list[list[tuple[Job, bool]]]:
+        """:meth:`_add_group`'s rows into the store, in its transaction: the answers."""
+        inserted: dict[str, float] = {}
+        if rows:
+            inserted.update((row.id, row.run_at) for row in conn.execute(self._add_job, rows))
+        answers = []
+        at = 0
+        for new_jobs in groups:
+            answer = []
+            for new, row in zip(new_jobs, rows[at : at + len(new_jobs)], strict=True):
+                run_at = inserted.get(row["id"])
+                if run_at is not None:
+                    answer.append((_new_job(row, run_at), True))
+                else:
+                    answer.append(self._known(conn, new, row["event_digest"], now))
+            answers.append(answer)
+            at += len(new_jobs)
         return answers
 
     def _known(self, conn: Connection, new: NewJob, digest: str, now: float) -> tuple[Job, bool]:
@@ -1125,6 +1146,43 @@ def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
         store.close()
         raise
     return store
+
+
+def _postgres_engine(url: str, pool_size: int, max_overflow: int, pings: Callable[[], bool]) -> Engine:
+    """Make the PostgreSQL engine, which pings a pooled connection before use.
+
+    The ping is a ``SELECT 1`` round trip (as SQLAlchemy's ``pool_pre_ping``); it is left out
+    for a connection used less than :data:`PING_IDLE` ago when ``pings()`` says this checkout
+    may go without (the intake's group, which is inserted again if the connection was dead).
+    A ping that finds the connection dead has the pool open a fresh one in its place.
+    """
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_connection: Any, record: Any) -> None:
+        record.info["used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("used", 0.0) < PING_IDLE and not pings():
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):  # type: ignore[arg-type]
+                raise DisconnectionError(f"a pooled connection is dead: {_short(exc)}") from exc
+            raise
+        if not alive:
+            raise DisconnectionError("a pooled connection is dead")
+
+    return engine
+
+
+def _dead_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store meeting a connection that had died (the pool has dropped it)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, DBAPIError) and cause.connection_invalidated
 
 
 def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow: int) -> Engine:

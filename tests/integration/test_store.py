@@ -475,3 +475,30 @@ def test_leases_on_postgresql_keep_to_the_databases_clock_whatever_a_workers_clo
     finally:
         for store in (honest, ahead, naive):
             store.close()
+
+
+def test_the_intake_and_everything_else_survive_pooled_connections_the_server_dropped(
+    postgres: PostgresServer,
+) -> None:
+    # The intake's group takes a connection used moments ago without pinging it first; one
+    # the server has dropped fails the group, and the group is inserted again. Every other
+    # use pings first (a connection found dead is replaced), as pool_pre_ping did.
+    name = f"dropped_{next(_databases)}_{uuid.uuid4().hex[:6]}"
+    store = open_store(postgres.create_database(name))
+    try:
+
+        def drop_our_connections() -> None:
+            postgres.psql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+
+        [(first, _)] = store.add([new("before")])
+        drop_our_connections()
+        [(job, created)] = store.add([new("after")])  # met the dead connection, then again
+        assert created and store.get(job.id, contents=False) == job
+        drop_our_connections()
+        assert store.get(first.id) is not None  # a read pings, and gets a fresh connection
+        assert store.claim("w", 60) is not None
+    finally:
+        store.close()
