@@ -661,7 +661,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("store.add: SELECT of the row just inserted (_select_one)", ("_select_one ",)),
     (
         "store: the answer's Job (from the row inserted, or read back)",
-        ("_job (downloader_service", "_new_job ("),
+        ("_job (downloader_service/service/store.py", "_new_job ("),
     ),
     ("answer: job summary + status URL (Service.answer)", ("Service.answer ",)),
     ("logging: JSON lines (the access line, with the job), redaction", ("Logger.", "LogManager.")),
