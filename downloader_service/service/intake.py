@@ -46,11 +46,13 @@ class Intake:
         self.metrics = metrics
         self.wake = wake  # tells this process's worker that a job is waiting
 
-    def accept(self, events: Sequence[ReceivedEvent]) -> list[tuple[Job, bool]]:
+    def accept(self, events: Sequence[ReceivedEvent], log_accepted: bool = True) -> list[tuple[Job, bool]]:
         """Make a job of every event and commit them all at once: ``(job, created)`` each.
 
         An event that can never be downloaded becomes a ``rejected`` job, or, in strict
-        mode, refuses the whole request (nothing is stored).
+        mode, refuses the whole request (nothing is stored). Each accepted event is logged
+        (``event accepted``), unless ``log_accepted`` is false: the caller logs it in a line of
+        its own (``POST /`` in its access line). Rejections and conflicts are always logged.
         """
         new_jobs = [self.new_job(event, index, len(events) > 1) for index, event in enumerate(events)]
         cap = self.settings.max_queued
@@ -80,7 +82,7 @@ class Intake:
                 LOGGER.warning(
                     "event rejected", extra={**extra, "error": job.error.kind, "detail": job.error.detail}
                 )
-            else:
+            elif log_accepted:
                 LOGGER.info("event accepted", extra=extra)
         return accepted
 

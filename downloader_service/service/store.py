@@ -1,15 +1,16 @@
 """The job store: the schema and every query of jobs, on SQLite or PostgreSQL (SQLAlchemy Core).
 
 Jobs are rows. The intake inserts one per event, in the same transaction for a whole batch,
-before it answers; a unique key on (``source``, ``event_id``) makes a second delivery of an
-event find the first job instead of making another. Workers claim a job by setting its
-``lease_owner`` and ``lease_expires``: on PostgreSQL the candidate row is locked with
-``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines never claim
-the same job; on SQLite every write transaction is ``BEGIN IMMEDIATE``, which serialises them.
-A worker renews its leases while it works; a job whose lease ran out is claimable again, and
-its claimer cleans what the dead attempt left (``attempt_path``, ``cart_url``). Every change a
-worker makes is conditional on still holding the lease, so a worker that lost its job can
-no longer touch it.
+before it answers; requests that arrive together share that transaction too (a group commit:
+one INSERT, one commit, one flush to disk for all of them). A unique key on (``source``,
+``event_id``) makes a second delivery of an event find the first job instead of making
+another. Workers claim a job by setting its ``lease_owner`` and ``lease_expires``: on
+PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED``, so any number of
+workers on any number of machines never claim the same job; on SQLite every write
+transaction is ``BEGIN IMMEDIATE``, which serialises them. A worker renews its leases while
+it works; a job whose lease ran out is claimable again, and its claimer cleans what the dead
+attempt left (``attempt_path``, ``cart_url``). Every change a worker makes is conditional on
+still holding the lease, so a worker that lost its job can no longer touch it.
 
 Times are seconds since the epoch from the injected ``clock``: the database is shared by
 machines, so a monotonic clock would not do.
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -57,7 +59,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError, first_line
@@ -78,6 +80,8 @@ _UPGRADE_LOCK: Final = 0x70616369666963  # "pacific"
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 SQLITE_POOL_MAX: Final = 12
 SQLITE_CACHE_KIB: Final = 512
+# A PostgreSQL connection used less than this many seconds ago goes to the intake unpinged.
+PING_IDLE: Final = 1.0
 
 METADATA = MetaData()
 
@@ -356,6 +360,19 @@ class NewJob:
         return JobState.REJECTED if self.error is not None else JobState.QUEUED
 
 
+class _Ticket:
+    """One :meth:`JobStore.add` call waiting in a group commit, and what it is told."""
+
+    __slots__ = ("answers", "error", "lead", "new_jobs", "ready")
+
+    def __init__(self, new_jobs: Sequence[NewJob]) -> None:
+        self.new_jobs = new_jobs
+        self.ready = threading.Event()
+        self.lead = False  # this caller inserts the next group
+        self.answers: list[tuple[Job, bool]] | None = None  # committed
+        self.error: Exception | None = None  # its own jobs failed, alone
+
+
 def engine_url(url: str) -> str:
     """``postgres://`` and ``postgresql://`` use psycopg 3; everything else as given."""
     for prefix in ("postgres://", "postgresql://"):
@@ -399,24 +416,32 @@ class JobStore:
         # clocks drift; one running 120 s ahead took over jobs others still ran). SQLite is one
         # machine's file. A clock injected by a test stands in for it unless db_clock says so.
         self.db_clock = self.dialect == "postgresql" and (clock is None if db_clock is None else db_clock)
+        # Set while this thread's intake group takes its connection (see _postgres_engine).
+        self._intake = threading.local()
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url, parsed.database, pool_size, max_overflow)
         elif self.dialect == "postgresql":
-            self.engine = create_engine(
-                self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-            )
+            self.engine = _postgres_engine(self.url, pool_size, max_overflow, self._pings)
         else:
             raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
         self._insert = _dialect_insert(self.dialect)
         # The intake's INSERT, built once: each event's row goes in as the parameters of one
         # statement whose compiled form SQLAlchemy caches. Built per event with the values in
         # it, SQLAlchemy coerced and keyed every value anew (~0.3 ms of CPU an event).
+        # Executed with every row of a group at once (SQLAlchemy's "insertmanyvalues": one
+        # multi-row INSERT a page), and returning only what the rows in hand do not say: which
+        # were inserted, and when they are due (the database's clock on PostgreSQL).
         add_job = (
             self._insert(jobs)
             .on_conflict_do_nothing(index_elements=["source", "event_id"])
-            .returning(*_STATE_COLUMNS)
+            .returning(jobs.c.id, jobs.c.run_at)
         )
         self._add_job = add_job.values(run_at=self._lease_now()) if self.db_clock else add_job
+        # Group commit (see add): the requests waiting to be inserted, and whether a thread
+        # is inserting a group now (the leader).
+        self._group_lock = threading.Lock()
+        self._group: list[_Ticket] = []
+        self._leading = False
         # A SQLite file removed or replaced under us: our connections would go on writing to
         # the old, unlinked file, answer 2xx, and lose it all at the next start. Its identity
         # (device, inode) is taken at the first write and checked at every one after.
@@ -433,6 +458,14 @@ class JobStore:
             if self.dialect == "postgresql"
             else None
         )
+
+    def _pings(self) -> bool:
+        """Whether a connection used moments ago is pinged before this thread uses it again.
+
+        Not for the intake's group: it pays a round trip per group otherwise, and a group that
+        met a dead connection is inserted again (see :meth:`_lead`).
+        """
+        return not getattr(self._intake, "active", False)
 
     def close(self) -> None:
         """Stop listening for job ends and close every pooled connection."""
@@ -489,45 +522,139 @@ class JobStore:
         ``created=False`` -- except a ``failed`` job whose last error was retryable, which
         is queued again: the sender's new delivery is taken as a request to retry. The jobs
         come back without their event and files (:meth:`get` has them).
+
+        Group commit: calls from several threads at once share one transaction (one INSERT of
+        all their rows, one commit, one flush to disk), each answered its own jobs once it is
+        committed. The first caller with nobody inserting becomes the leader: it inserts what
+        is waiting then, the others wait for its commit, and the first of those who came
+        meanwhile leads the next group. If a group's transaction fails, each of its callers
+        inserts its own jobs alone, as if there were no group: one request's bad row cannot
+        fail another's, and each gets its own error.
         """
+        ticket = _Ticket(new_jobs)
+        with self._group_lock:
+            self._group.append(ticket)
+            ticket.lead = not self._leading
+            self._leading = True
+        if not ticket.lead:
+            ticket.ready.wait()  # answered, told to go alone, or made the next leader
+        if ticket.lead:
+            self._lead(ticket)
+        if ticket.answers is not None:
+            return ticket.answers
+        if ticket.error is not None:
+            raise ticket.error
+        return self._add_group([ticket.new_jobs])[0]
+
+    def _lead(self, own: _Ticket) -> None:
+        """Insert and commit every waiting caller's jobs, tell each, and pass the lead on."""
+        with self._group_lock:
+            group, self._group = self._group, []
+        try:
+            answers = self._add_group([ticket.new_jobs for ticket in group])
+        except Exception as exc:  # noqa: BLE001 -- whatever it was, each caller meets it alone
+            if len(group) == 1 and not _dead_connection(exc):
+                own.error = exc  # alone already: this is its answer (a dead connection: once more)
+            # else every caller, this one too, tries its own jobs alone (answers stay None)
+        else:
+            for ticket, answer in zip(group, answers, strict=True):
+                ticket.answers = answer
+        finally:
+            with self._group_lock:
+                after = self._group[0] if self._group else None
+                self._leading = after is not None
+            if after is not None:
+                after.lead = True
+                after.ready.set()
+            for ticket in group:
+                if ticket is not own:
+                    ticket.ready.set()
+
+    def _add_group(self, groups: Sequence[Sequence[NewJob]]) -> list[list[tuple[Job, bool]]]:
+        """:meth:`add` for several callers' jobs in one transaction: their answers, in order."""
         now = self.clock()
-        answers = []
-        queued = False
-        with self._write() as conn:
+        rows = []
+        contents = []  # each row's job id, event and files: they go into tables of their own
+        for new_jobs in groups:
             for new in new_jobs:
                 row = _new_row(new, now)
+                contents.append((row["id"], row.pop("event"), row.pop("files")))
                 if self.db_clock:
                     del row["run_at"]  # the statement has it: the database's clock
+                rows.append(row)
+        # One statement for every row: each row with every column the others have.
+        columns = {key for row in rows for key in row}
+        for row in rows:
+            if len(row) < len(columns):
+                for key in columns.difference(row):
+                    row[key] = None
+        self._intake.active = True
+        try:
+            with self._write() as conn:
+                self._intake.active = False
+                return self._insert_group(conn, groups, rows, contents, now)
+        finally:
+            self._intake.active = False
+
+    def _insert_group(
+        self,
+        conn: Connection,
+        groups: Sequence[Sequence[NewJob]],
+        rows: list[dict[str, Any]],
+        contents: list[tuple[str, str, str]],
+        now: float,
+    ) -> list[list[tuple[Job, bool]]]:
+        """:meth:`_add_group`'s rows into the store, in its transaction: the answers."""
+        inserted: dict[str, float] = {}
+        if rows:
+            inserted.update((row.id, row.run_at) for row in conn.execute(self._add_job, rows))
+        self._put_contents(conn, [each for each in contents if each[0] in inserted])
+        if any(row["state"] == JobState.QUEUED for row in rows if row["id"] in inserted):
+            _announce_queued(conn)
+        answers = []
+        at = 0
+        for new_jobs in groups:
+            answer = []
+            for new, row in zip(new_jobs, rows[at : at + len(new_jobs)], strict=True):
+                run_at = inserted.get(row["id"])
+                if run_at is not None:
+                    answer.append((_new_job(row, run_at), True))
                 else:
-                    row["run_at"] = self._lease_now()
-                contents = {"job_id": row["id"], "event": row.pop("event"), "files": row.pop("files")}
-                inserted = conn.execute(self._add_job, row).first()
-                if inserted is not None:
-                    self._put_text(conn, job_events, "event", row["id"], contents["event"])
-                    self._put_text(conn, job_files, "files", row["id"], contents["files"])
-                    answers.append((_job(inserted), True))
-                    queued = queued or inserted.state == JobState.QUEUED
-                    continue
-                same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
-                digest = row["event_digest"]
-                conflicted = conn.execute(
-                    update(jobs)
-                    .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
-                    .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
-                ).rowcount
-                existing = replace(_job(_select_one(conn, same)), conflicted=bool(conflicted))
-                if (
-                    existing.state == JobState.FAILED
-                    and existing.error is not None
-                    and existing.error.retryable
-                ):
-                    _requeue(conn, existing.id, now)
-                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id)), True))
-                else:
-                    answers.append((existing, False))
-            if queued:
-                _announce_queued(conn)
+                    answer.append(self._known(conn, new, row["event_digest"], now))
+            answers.append(answer)
+            at += len(new_jobs)
         return answers
+
+    def _known(self, conn: Connection, new: NewJob, digest: str, now: float) -> tuple[Job, bool]:
+        """An event whose (source, id) has a job already: that job, its conflict counted."""
+        same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
+        conflicted = conn.execute(
+            update(jobs)
+            .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
+            .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
+        ).rowcount
+        existing = replace(_job(_select_one(conn, same)), conflicted=bool(conflicted))
+        if existing.state == JobState.FAILED and existing.error is not None and existing.error.retryable:
+            _requeue(conn, existing.id, now)
+            return _job(_select_one(conn, jobs.c.id == existing.id)), True
+        return existing, False
+
+    def _put_contents(self, conn: Connection, contents: Sequence[tuple[str, str, str]]) -> None:
+        """Insert the new jobs' events and files: one statement a table for the group's.
+
+        A text of a MiB or more on SQLite goes in a piece at a time instead (:meth:`_put_text`).
+        """
+        small: list[tuple[str, str, str]] = []
+        for each in contents:
+            if self.dialect == "sqlite" and max(len(each[1]), len(each[2])) >= _LARGE_TEXT:
+                job_id, event_text, files_text = each
+                self._put_text(conn, job_events, "event", job_id, event_text)
+                self._put_text(conn, job_files, "files", job_id, files_text)
+            else:
+                small.append(each)
+        if small:
+            conn.execute(insert(job_events), [{"job_id": job_id, "event": text} for job_id, text, _ in small])
+            conn.execute(insert(job_files), [{"job_id": job_id, "files": text} for job_id, _, text in small])
 
     def _put_text(self, conn: Connection, table: Table, column: str, job_id: str, text: str) -> None:
         """Insert ``(job_id, text)`` into ``table``; on SQLite, the text a MiB at a time.
@@ -537,7 +664,7 @@ class JobStore:
         SQLite holds a copy of it whole. It reads back as UTF-8 bytes (a BLOB), which every
         reader here decodes as it decodes text.
         """
-        if self.dialect != "sqlite" or len(text) < (1 << 20):
+        if self.dialect != "sqlite" or len(text) < _LARGE_TEXT:
             conn.execute(insert(table), {"job_id": job_id, column: text})
             return
         size = len(text) if text.isascii() else sum(map(len, _utf8_pieces(text)))
@@ -1213,6 +1340,43 @@ def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
     return store
 
 
+def _postgres_engine(url: str, pool_size: int, max_overflow: int, pings: Callable[[], bool]) -> Engine:
+    """Make the PostgreSQL engine, which pings a pooled connection before use.
+
+    The ping is a ``SELECT 1`` round trip (as SQLAlchemy's ``pool_pre_ping``); it is left out
+    for a connection used less than :data:`PING_IDLE` ago when ``pings()`` says this checkout
+    may go without (the intake's group, which is inserted again if the connection was dead).
+    A ping that finds the connection dead has the pool open a fresh one in its place.
+    """
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_connection: Any, record: Any) -> None:
+        record.info["used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("used", 0.0) < PING_IDLE and not pings():
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):  # type: ignore[arg-type]
+                raise DisconnectionError(f"a pooled connection is dead: {_short(exc)}") from exc
+            raise
+        if not alive:
+            raise DisconnectionError("a pooled connection is dead")
+
+    return engine
+
+
+def _dead_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store meeting a connection that had died (the pool has dropped it)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, DBAPIError) and cause.connection_invalidated
+
+
 def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow: int) -> Engine:
     # One writer at a time (BEGIN IMMEDIATE) and cheap connections: a pool of one connection
     # per HTTP thread only held more descriptors and page caches (32 threads: +46 fds, +20 MB
@@ -1367,6 +1531,10 @@ def _skip(window: JsonWindow) -> bool:
     return True
 
 
+# Texts of this many characters or more go into SQLite through its blob I/O (see _put_text).
+_LARGE_TEXT: Final = 1 << 20
+
+
 def _utf8_pieces(text: str, size: int = 1 << 20) -> Iterator[bytes]:
     """``text`` encoded as UTF-8, ``size`` characters at a time."""
     for start in range(0, len(text), size):
@@ -1423,6 +1591,33 @@ def _job(row: Any, files_text: str | None = None) -> Job:
         deaths=row.deaths,
         conflicts=row.conflicts,
         conflict_at=row.conflict_at,
+    )
+
+
+def _new_job(row: Mapping[str, Any], run_at: float) -> Job:
+    """The job just inserted, from the values it was inserted with (nothing read back)."""
+    error = None
+    if row.get("error_kind") is not None:
+        error = JobError(
+            row["error_kind"],
+            row["error_detail"] or "",
+            bool(row["error_retryable"]),
+            json.loads(row["error_context"] or "{}"),
+        )
+    return Job(
+        id=row["id"],
+        source=row["source"],
+        event_id=row["event_id"],
+        type=row["type"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        run_at=run_at,
+        retry_from=row["retry_from"],
+        file_count=row["file_count"],
+        error=error,
+        finished_at=row.get("finished_at"),
     )
 
 
