@@ -431,10 +431,15 @@ class JobStore:
         # Executed with every row of a group at once (SQLAlchemy's "insertmanyvalues": one
         # multi-row INSERT a page), and returning only what the rows in hand do not say: which
         # were inserted, and when they are due (the database's clock on PostgreSQL).
+        returned: list[Any] = [jobs.c.id, jobs.c.run_at]
+        if self.dialect == "postgresql":
+            # Workers in other processes are told in the same statement, not one more round
+            # trip: PostgreSQL sends one notification for a transaction's identical ones.
+            returned.append(func.pg_notify(JOBS_QUEUED_CHANNEL, "").label("told"))
         add_job = (
             self._insert(jobs)
             .on_conflict_do_nothing(index_elements=["source", "event_id"])
-            .returning(jobs.c.id, jobs.c.run_at)
+            .returning(*returned)
         )
         self._add_job = add_job.values(run_at=self._lease_now()) if self.db_clock else add_job
         # Group commit (see add): the requests waiting to be inserted, and whether a thread
@@ -608,9 +613,9 @@ class JobStore:
         inserted: dict[str, float] = {}
         if rows:
             inserted.update((row.id, row.run_at) for row in conn.execute(self._add_job, rows))
+        # On PostgreSQL the INSERT told the other processes' workers of the new jobs (see
+        # __init__); on SQLite there is no channel across processes (the intake wakes its own).
         self._put_contents(conn, [each for each in contents if each[0] in inserted])
-        if any(row["state"] == JobState.QUEUED for row in rows if row["id"] in inserted):
-            _announce_queued(conn)
         answers = []
         at = 0
         for new_jobs in groups:
