@@ -128,23 +128,19 @@ jobs = Table(
     Index("ix_jobs_state_lease_expires", "state", "lease_expires"),
 )
 
-# A job's event as received, and its files (0007): each written once, in a table of its own,
-# out of ``jobs``, whose row every claim, renewal and end rewrites (SQLite writes a whole new
-# record for any UPDATE: 17 MB each time for a job of 76,000 files). A claim reads the files,
-# the publishing of a download the event. On SQLite each is written through SQLite's blob
-# I/O, a piece at a time (see JobStore._put_text): bound as a parameter, SQLite copied the
-# text twice more (35 MB at once for the largest event).
-job_events = Table(
-    "job_events",
-    METADATA,
-    Column("job_id", String(32), primary_key=True),
-    Column("event", Text, nullable=False),  # the CloudEvent 1.0 JSON, its mode as "receivedmode"
-)
-job_files = Table(
-    "job_files",
+# A job's files and its event as received (0007): written once, out of ``jobs``, whose row
+# every claim, renewal and end rewrites (SQLite writes a whole new record for any UPDATE:
+# 17 MB each time for a job of 76,000 files). A claim reads the files, the publishing of a
+# download the event. On SQLite a large one is written through SQLite's blob I/O, a piece at
+# a time (see JobStore._put_large): bound as a parameter, SQLite copied the texts twice more
+# (35 MB at once for the largest event). The event is the last column: reserved for the blob
+# I/O, a record's last value is not materialised.
+job_contents = Table(
+    "job_contents",
     METADATA,
     Column("job_id", String(32), primary_key=True),
     Column("files", Text, nullable=False),  # a JSON array: each file's Cartd object and size
+    Column("event", Text, nullable=False),  # the CloudEvent 1.0 JSON, its mode as "receivedmode"
 )
 
 
@@ -645,39 +641,38 @@ class JobStore:
         return existing, False
 
     def _put_contents(self, conn: Connection, contents: Sequence[tuple[str, str, str]]) -> None:
-        """Insert the new jobs' events and files: one statement a table for the group's.
+        """Insert the new jobs' events and files: one statement for the group's.
 
-        A text of a MiB or more on SQLite goes in a piece at a time instead (:meth:`_put_text`).
+        A job with a text of a MiB or more on SQLite goes in a piece at a time instead
+        (:meth:`_put_large`).
         """
-        small: list[tuple[str, str, str]] = []
-        for each in contents:
-            if self.dialect == "sqlite" and max(len(each[1]), len(each[2])) >= _LARGE_TEXT:
-                job_id, event_text, files_text = each
-                self._put_text(conn, job_events, "event", job_id, event_text)
-                self._put_text(conn, job_files, "files", job_id, files_text)
+        small: list[dict[str, str]] = []
+        for job_id, event_text, files_text in contents:
+            if self.dialect == "sqlite" and max(len(event_text), len(files_text)) >= _LARGE_TEXT:
+                self._put_large(conn, job_id, event_text, files_text)
             else:
-                small.append(each)
+                small.append({"job_id": job_id, "files": files_text, "event": event_text})
         if small:
-            conn.execute(insert(job_events), [{"job_id": job_id, "event": text} for job_id, text, _ in small])
-            conn.execute(insert(job_files), [{"job_id": job_id, "files": text} for job_id, _, text in small])
+            conn.execute(insert(job_contents), small)
 
-    def _put_text(self, conn: Connection, table: Table, column: str, job_id: str, text: str) -> None:
-        """Insert ``(job_id, text)`` into ``table``; on SQLite, the text a MiB at a time.
+    def _put_large(self, conn: Connection, job_id: str, event_text: str, files_text: str) -> None:
+        """Insert a job's contents on SQLite, each text a MiB at a time.
 
-        SQLite reserves the value (``zeroblob``, not materialised as the record's last column)
-        and the text is written into it through the blob I/O, so neither the sqlite3 module nor
-        SQLite holds a copy of it whole. It reads back as UTF-8 bytes (a BLOB), which every
-        reader here decodes as it decodes text.
+        SQLite reserves the values (``zeroblob``; the event's, the record's last, is not
+        materialised) and the texts are written into them through the blob I/O, so neither the
+        sqlite3 module nor SQLite holds a copy of them whole. They read back as UTF-8 bytes
+        (BLOBs), which every reader here decodes as it decodes text.
         """
-        if self.dialect != "sqlite" or len(text) < _LARGE_TEXT:
-            conn.execute(insert(table), {"job_id": job_id, column: text})
-            return
-        size = len(text) if text.isascii() else sum(map(len, _utf8_pieces(text)))
-        reserve = insert(table).values({"job_id": job_id, column: func.zeroblob(size)})
+        sizes = {"files": _utf8_size(files_text), "event": _utf8_size(event_text)}
+        reserve = insert(job_contents).values(
+            job_id=job_id, files=func.zeroblob(sizes["files"]), event=func.zeroblob(sizes["event"])
+        )
         rowid: int = conn.execute(reserve.returning(literal_column("rowid"))).scalar_one()
-        with conn.connection.dbapi_connection.blobopen(table.name, column, rowid) as blob:  # type: ignore[union-attr]
-            for piece in _utf8_pieces(text):
-                blob.write(piece)
+        raw = conn.connection.dbapi_connection
+        for column, value in (("files", files_text), ("event", event_text)):
+            with raw.blobopen(job_contents.name, column, rowid) as blob:  # type: ignore[union-attr]
+                for piece in _utf8_pieces(value):
+                    blob.write(piece)
 
     # --------------------------------------------------- claim and lease
     def claim(self, owner: str, lease: float) -> Job | None:
@@ -902,7 +897,7 @@ class JobStore:
         The data is read from the store again each time it is walked
         (a :class:`.eventdata.StoredDataList`).
         """
-        with self._reading(job_events, "event", job_id) as window:
+        with self._reading("event", job_id) as window:
             if window is None:
                 return None
             if window.peek() != "{":
@@ -920,13 +915,13 @@ class JobStore:
 
     def _data(self, job_id: str) -> Iterator[Any]:
         """The items of the job's stored event's ``data``, each decoded in its turn."""
-        with self._reading(job_events, "event", job_id) as window:
+        with self._reading("event", job_id) as window:
             if window is not None:
                 yield from eventdata.data_items(window)
 
     def files(self, job_id: str) -> tuple[CartFile, ...]:
         """The job's files, each made as it is read (never a dict of every one, nor the text)."""
-        with self._reading(job_files, "files", job_id) as window:
+        with self._reading("files", job_id) as window:
             if window is None:
                 return ()
             files = tuple(CartFile(**window.value()) for _ in window.items())
@@ -934,12 +929,13 @@ class JobStore:
         return files
 
     @contextmanager
-    def _reading(self, table: Table, column: str, job_id: str) -> Iterator[JsonWindow | None]:
-        """The stored JSON of ``table.column`` for the job, to walk (None if there is none).
+    def _reading(self, column: str, job_id: str) -> Iterator[JsonWindow | None]:
+        """The job's stored JSON ``column`` (``event`` or ``files``), to walk (None if none).
 
         On SQLite read through the blob I/O a window at a time, never whole; PostgreSQL sends
         the value whole.
         """
+        table = job_contents
         with self._read() as conn:
             where = table.c.job_id == job_id
             if self.dialect != "sqlite":
@@ -1046,8 +1042,7 @@ class JobStore:
             conn.execute(
                 delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
             )
-            conn.execute(delete(job_events).where(job_events.c.job_id == job_id))
-            conn.execute(delete(job_files).where(job_files.c.job_id == job_id))
+            conn.execute(delete(job_contents).where(job_contents.c.job_id == job_id))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -1509,10 +1504,8 @@ def _select(contents: bool) -> Any:
     """A job's columns, with ``contents`` its event and files too."""
     if not contents:
         return select(*_STATE_COLUMNS)
-    return select(*jobs.c, job_events.c.event, job_files.c.files).select_from(
-        jobs.outerjoin(job_events, job_events.c.job_id == jobs.c.id).outerjoin(
-            job_files, job_files.c.job_id == jobs.c.id
-        )
+    return select(*jobs.c, job_contents.c.event, job_contents.c.files).select_from(
+        jobs.outerjoin(job_contents, job_contents.c.job_id == jobs.c.id)
     )
 
 
@@ -1536,8 +1529,12 @@ def _skip(window: JsonWindow) -> bool:
     return True
 
 
-# Texts of this many characters or more go into SQLite through its blob I/O (see _put_text).
+# Texts of this many characters or more go into SQLite through its blob I/O (see JobStore._put_large).
 _LARGE_TEXT: Final = 1 << 20
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else sum(map(len, _utf8_pieces(text)))
 
 
 def _utf8_pieces(text: str, size: int = 1 << 20) -> Iterator[bytes]:
@@ -1546,7 +1543,7 @@ def _utf8_pieces(text: str, size: int = 1 << 20) -> Iterator[bytes]:
         yield text[start : start + size].encode("utf-8")
 
 
-# Every column of a job: its state and summary (its event and files are in job_events, job_files).
+# Every column of a job: its state and summary (its event and files are in job_contents).
 _STATE_COLUMNS = tuple(jobs.c)
 
 
