@@ -65,6 +65,8 @@ setup(
             # A real Compose implementation over podman: scripts/test-compose runs the whole
             # docker-compose.yml loop with it (no Docker engine here).
             "podman-compose==1.6.0",
+            # The sampling profiler of benchmarks/scale.py --profile (where the intake's CPU goes).
+            "py-spy==0.4.3",
         ],
     },
     entry_points={"console_scripts": ["downloader-service = downloader_service.cli:run"]},

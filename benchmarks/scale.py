@@ -18,7 +18,7 @@ processes of one download thread each, and with one process of 1, 2 and 4 thread
 
 (b) Intake: ``--clients`` threads, each with one keep-alive HTTP connection, POST distinct
 valid events (CloudEvents 0.1 as Notifications sends them) to ``serve`` with
-``DOWNLOADER_WORKERS=0`` and ``DOWNLOADER_ASYNC=true`` for ``--intake-seconds`` (after 1 s of
+``DOWNLOADER_WORKERS=0`` and ``DOWNLOADER_ASYNC=true`` for ``--intake-seconds`` (after 5 s of
 warm-up); an event counts when it is answered 202. CPU seconds of the service, of PostgreSQL
 and of this client process are read from ``/proc`` over the same window, per accepted event.
 ``--profile`` then samples the service with py-spy during a second window of each run and
@@ -64,14 +64,20 @@ from tests.fakecartd import Cart, FakeCartd  # noqa: E402
 
 HOST = "127.0.0.1"
 SERVICE_EXE = REPO / ".venv" / "bin" / "downloader-service"
+# py-spy (the test extra): the venv's, else the first on PATH.
 PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+if not PY_SPY.exists() and shutil.which("py-spy"):
+    PY_SPY = Path(str(shutil.which("py-spy")))
 DEFAULT_OUT = REPO / "benchmarks" / "scale-results.md"
 WORKER_COUNTS = (1, 2, 4)
 THROUGHPUT_TARGET = 3.0  # 4 workers >= 3x one
 INTAKE_TARGET = 800.0  # accepted events/s, one serve process on PostgreSQL (issue 23)
 # CPU ms of serve per accepted event, one process (issue 23).
 CPU_TARGETS: Final = {"SQLite": 1.0, "PostgreSQL": 1.2}
-WARMUP = 1.0
+# Seconds of intake before its window: a fresh SQLite store's WAL grows to its steady size
+# (~4 MB, the autocheckpoint) in the first seconds, and commits that grow the file cost more
+# (1.2 against 1.0 ms of CPU an event, measured in 4 s windows from the start).
+WARMUP = 5.0
 QUIET_WAIT = 20.0  # seconds to wait for other load on the machine to stop before a measurement
 FILE_BYTES = 4096
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -122,7 +128,16 @@ class Processes:
 def service_env(work: Path, extra: dict[str, str]) -> dict[str, str]:
     """The environment without any DOWNLOADER_* of the caller's, plus ``extra``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DOWNLOADER_")}
-    env.update({"DOWNLOADER_HOST": HOST, "DOWNLOADER_STATE_DIR": str(work / "state"), **extra})
+    # PYTHONPATH ahead of the editable install's finder, which may point at another checkout:
+    # the code measured is this checkout's (or --baseline's, which sets its own).
+    env.update(
+        {
+            "DOWNLOADER_HOST": HOST,
+            "DOWNLOADER_STATE_DIR": str(work / "state"),
+            "PYTHONPATH": str(REPO),
+            **extra,
+        }
+    )
     return env
 
 
@@ -553,7 +568,7 @@ def intake(
     if database:
         env["DOWNLOADER_DATABASE_URL"] = database
     if code is not None:
-        env["PYTHONPATH"] = str(code)  # ahead of the editable install's finder
+        env["PYTHONPATH"] = str(code)
     started = [start_serve(setup.procs, work, env, f"intake-{label}-{n}") for n in range(replicas)]
     pids = [proc.pid for _url, proc in started]
     parties: dict[str, Callable[[], float]] = {
@@ -631,6 +646,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("HTTPRequest.parse_request ", "HTTPRequest.read_request_headers ", "HTTPRequest.read_request_line "),
     ),
     ("CherryPy: WSGI, dispatch, tools, response headers", ("CPWSGIApp.__call__ ",)),
+    (
+        "POST / past CherryPy: request headers, answer, access line (app.Application)",
+        ("Application.__call__ (downloader_service", "Application._post "),
+    ),
     ("handler: body, status, JSON answer (app.py)", ("json_handler.<locals>.handler ",)),
     ("webhook: parse + validate the event (webhook.py)", ("service/webhook.py",)),
     ("the job from the event: file list, ids (Intake.new_job)", ("Intake.new_job ",)),
@@ -640,9 +659,12 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("_ConnectionFairy._checkout ",),
     ),
     ("store.add: SELECT of the row just inserted (_select_one)", ("_select_one ",)),
-    ("store: row -> Job (_job: JSON decode of event and files)", ("_job (",)),
+    (
+        "store: the answer's Job (from the row inserted, or read back)",
+        ("_job (downloader_service/service/store.py", "_new_job ("),
+    ),
     ("answer: job summary + status URL (Service.answer)", ("Service.answer ",)),
-    ("logging: JSON lines (event accepted + CherryPy access line), redaction", ("Logger.", "LogManager.")),
+    ("logging: JSON lines (the access line, with the job), redaction", ("Logger.", "LogManager.")),
     ("metrics (prometheus_client)", ("prometheus_client",)),
 )
 
@@ -903,8 +925,16 @@ def main(argv: Sequence[str]) -> int:
     command = " ".join([".venv/bin/python", "benchmarks/scale.py", *argv])
     loads = f"- load average (1 min) at the start: {load_began:.2f}, at the end: {os.getloadavg()[0]:.2f}"
     facts = [f"- code: {code_began}", *machine(), loads]
+    # Without the workers' part, the report's older sections ("## ...", e.g. the workers' last
+    # run) are kept below the new one.
+    kept = ""
+    if args.skip_workers and args.out.exists():
+        old = args.out.read_text(encoding="utf-8")
+        at = old.find("\n## ")
+        kept = "" if at < 0 else old[at:]
     args.out.write_text(
-        "\n".join([f"# Scale-out benchmark, {when}", "", f"Command: `{command}`", "", *facts, "", table]),
+        "\n".join([f"# Scale-out benchmark, {when}", "", f"Command: `{command}`", "", *facts, "", table])
+        + kept,
         encoding="utf-8",
     )
     log(f"written to {args.out}")

@@ -130,7 +130,26 @@ def collect_files(
     (:data:`PROBLEMS_SHOWN`, in :data:`PROBLEMS_CHARS`) and counts the rest.
     """
     files: list[CartFile] = []
-    keys: list[Any] = []  # each file's key, in step with files
+    check_files(entries, error, what, describe, files.append)
+    return files
+
+
+def check_files(
+    entries: Iterable[tuple[Any, Any, Any, Any, Mapping[str, Any]]],
+    error: type[InvalidInputError],
+    what: str | Callable[[], str],
+    describe: Callable[[Any, str | None], str] | None,
+    take: Callable[[CartFile], None],
+) -> int:
+    """:func:`collect_files`, handing each valid file to ``take`` as it comes; how many there were.
+
+    Only each file's path, id and key are kept (for the conflicts between files), not the
+    files: a caller that encodes each file as it comes never holds them all.
+    ``take`` sees files that a later problem may still refuse.
+    """
+    paths: list[str] = []  # each valid file's path, id and key, in step
+    ids: list[str] = []
+    keys: list[Any] = []
     problems = _Problems()
 
     def label(key: Any, file_id: str | None) -> str:
@@ -142,23 +161,17 @@ def collect_files(
         for field, why in mine:
             problems.add(label(key, None if file_id is None else echo(file_id)), field, why)
         if file is not None:
-            files.append(file)
+            take(file)
+            paths.append(file.path)
+            ids.append(file.id)
             keys.append(key)
-    if len(files) > 1:
-        positions: dict[int, int] = {}
-
-        def named(file: CartFile) -> str:
-            if not positions:  # only once a conflict is found
-                positions.update((id(each), index) for index, each in enumerate(files))
-            return label(keys[positions[id(file)]], file.id)
-
-        for file, why in _conflicts(files, named):
-            problems.add(named(file), "path", why)
+    for index, why in _conflicts(paths, lambda head: label(keys[head], ids[head])):
+        problems.add(label(keys[index], ids[index]), "path", why)
     document = what if isinstance(what, str) else what()
     problems.raise_if_any(error, f"invalid {document}")
-    if not files:
+    if not paths:
         raise NoFilesError(f"the {document} lists no files", field="files")
-    return files
+    return len(paths)
 
 
 def as_yield_files(files: Iterable[CartFile]) -> YieldFiles:
@@ -223,29 +236,25 @@ class _Problems:
         )
 
 
-def _conflicts(files: Iterable[CartFile], named: Callable[[CartFile], str]) -> Iterator[tuple[CartFile, str]]:
-    """``(file, why)`` for each file whose path repeats another's, or needs another's as a directory.
+def _conflicts(paths: Sequence[str], named: Callable[[int], str]) -> Iterator[tuple[int, str]]:
+    """``(index, why)`` for each path that repeats another, or needs another as a directory.
 
     With ``/`` mapped to NUL, which no path holds, sorting puts a path's repeats and then the
     paths under ``a/`` right after ``a``: one pass in sorted order finds every conflict in
-    O(n log n) time, holding only the sorted list. The sort is stable, so of two files on one
-    path the first given is the one the other repeats.
+    O(n log n) time, holding only the sorted indexes. The sort is stable, so of two files on
+    one path the first given is the one the other repeats. ``named(index)`` names a file.
     """
-    head: CartFile | None = None  # the file the following paths may repeat or go below
+    head = -1  # the path the following ones may repeat or go below
     head_key = ""
-    for file in sorted(files, key=_tree_key):
-        key = _tree_key(file)
-        if head is not None and key == head_key:
-            yield file, f"{echo(file.path)} repeats the path of {named(head)}"
-        elif head is not None and key.startswith(head_key + "\0"):
-            needs = f"{echo(file.path)} needs {echo(head.path)} as a directory"
-            yield file, f"{needs}, but it is the file of {named(head)}"
+    for index in sorted(range(len(paths)), key=lambda at: paths[at].replace("/", "\0")):
+        key = paths[index].replace("/", "\0")
+        if head >= 0 and key == head_key:
+            yield index, f"{echo(paths[index])} repeats the path of {named(head)}"
+        elif head >= 0 and key.startswith(head_key + "\0"):
+            needs = f"{echo(paths[index])} needs {echo(paths[head])} as a directory"
+            yield index, f"{needs}, but it is the file of {named(head)}"
         else:
-            head, head_key = file, key
-
-
-def _tree_key(file: CartFile) -> str:
-    return file.path.replace("/", "\0")
+            head, head_key = index, key
 
 
 def _build(

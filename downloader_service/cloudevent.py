@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
-from .cartfile import SUPPORTED_HASHTYPES, CartFile, YieldFiles, as_yield_files, collect_files
+from .cartfile import SUPPORTED_HASHTYPES, CartFile, YieldFiles, as_yield_files, check_files, collect_files
 from .errors import InvalidEventError, echo
 from .jsonstream import JsonWindow
 
@@ -18,16 +18,29 @@ class CloudEvent:
     def files(cloudevent: Mapping[str, Any]) -> list[CartFile]:
         """Validate the event and return its files, or raise :class:`InvalidEventError`.
 
-        ``data`` is a flat list of metadata objects; those with ``destinationTable: "Files"``
-        are files. Every problem is reported at once, each naming the object's index.
+        ``data`` is a flat list (or another sequence, not text) of metadata objects; those
+        with ``destinationTable: "Files"`` are files. Every problem is reported at once, each
+        naming the object's index.
+        """
+        files: list[CartFile] = []
+        CloudEvent.check_files(cloudevent, files.append)
+        return files
+
+    @staticmethod
+    def check_files(cloudevent: Mapping[str, Any], take: Callable[[CartFile], None]) -> int:
+        """Validate the event as :meth:`files` does, handing each file to ``take`` as it comes.
+
+        Returns how many files there are; raises as :meth:`files` does (``take`` may have seen
+        files by then). Without a list of the files, an event of many is checked in little
+        memory when ``take`` keeps less than the file.
         """
         if not isinstance(cloudevent, Mapping):
             raise _not_an_object(cloudevent)
         what = f"event {echo(event_id(cloudevent))}"
         data = cloudevent.get("data")
-        if not isinstance(data, list):
+        if not isinstance(data, Sequence) or isinstance(data, (str, bytes, bytearray)):
             raise _data_not_a_list(what, _kind(data))
-        return collect_files(_entries(data), InvalidEventError, what, _label)
+        return check_files(_entries(data), InvalidEventError, what, _label, take)
 
     @staticmethod
     def read_files(source: IO[str] | IO[bytes]) -> list[CartFile]:
@@ -75,7 +88,7 @@ def event_id(cloudevent: Mapping[str, Any]) -> str:
     return str(cloudevent.get("id", cloudevent.get("eventID", "<no id>")))
 
 
-def _entries(data: list[Any]) -> Iterator[tuple[int, Any, Any, Any, Mapping[str, Any]]]:
+def _entries(data: Sequence[Any]) -> Iterator[tuple[int, Any, Any, Any, Mapping[str, Any]]]:
     for index, obj in enumerate(data):
         if isinstance(obj, Mapping) and obj.get("destinationTable") == "Files":
             yield index, obj.get("_id"), obj.get("name"), obj.get("subdir"), obj

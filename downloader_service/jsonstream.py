@@ -141,3 +141,16 @@ class JsonWindow:
         """A ``ValueError`` at character ``where`` of the whole text (not before the window)."""
         line = self._lines + self._text.count("\n", 0, where - self._dropped) + 1
         return ValueError(f"{message}: line {line} (char {where})")
+
+
+def reader(text: str | bytes) -> Callable[[int], str | bytes]:
+    """A ``read(size)`` over ``text`` held already, each call a slice (for :class:`JsonWindow`)."""
+    position = 0
+
+    def read(size: int) -> str | bytes:
+        nonlocal position
+        piece = text[position : position + size]
+        position += size
+        return piece
+
+    return read

@@ -1,4 +1,4 @@
-"""Waiting for jobs to end: a synchronous POST is woken when its job ends, not at its next poll.
+"""Waiting for jobs to end, and for jobs to do: woken when it happens, not at the next poll.
 
 The store calls :meth:`JobEnds.ended` right after it commits a job's end (done or failed), so a
 waiter in the same process wakes at once. On PostgreSQL that transaction also sends ``NOTIFY``
@@ -8,6 +8,11 @@ another process ends its job. A notification can be lost (the listener's connect
 server restarts), so a waiter still reads the store now and then, slowly while the listener
 listens and as before while it does not, and the listener wakes every waiter whenever it
 (re)connects. SQLite has no such channel: across processes a waiter keeps polling.
+
+The other way round, a transaction that makes a job due now (the intake's, an operator's
+retry, a job handed back at shutdown) sends ``NOTIFY`` on :data:`QUEUED_CHANNEL`, and a worker
+subscribed with :meth:`JobEnds.on_queued` looks for it at once: a ``worker`` process beside an
+intake-only ``serve`` no longer waits for its next poll (``DOWNLOADER_POLL_INTERVAL``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Final
 
@@ -23,6 +28,8 @@ LOGGER = logging.getLogger(__name__)
 
 # The PostgreSQL channel on which a job's end is announced; the payload is the job's id.
 CHANNEL: Final = "downloader_job_ends"
+# The channel on which jobs becoming due now are announced (no payload).
+QUEUED_CHANNEL: Final = "downloader_jobs_queued"
 # How often the listener looks up from its connection to see whether it must stop.
 LISTEN_TICK: Final = 0.25
 # Pause before the listener connects again after its connection failed.
@@ -73,6 +80,8 @@ class JobEnds:
         self._thread: threading.Thread | None = None
         # Waiters woken, by cause: how waits end (tests read it; an operator could).
         self.woken: Counter[str] = Counter()
+        # Called when another process made a job due (see on_queued).
+        self._queued: list[Callable[[], None]] = []
 
     @property
     def listening(self) -> bool:
@@ -98,6 +107,16 @@ class JobEnds:
                         watchers.discard(watch)
                         if not watchers:
                             del self._waiting[job_id]
+
+    def on_queued(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever any process makes a job due now; starts the listener.
+
+        PostgreSQL only. Called on every (re)connection of the listener too: jobs may have
+        come while it did not listen.
+        """
+        with self._lock:
+            self._queued.append(callback)
+        self._start_listener()
 
     def ended(self, job_ids: Iterable[str], cause: str = "local") -> None:
         """Wake whoever waits for one of ``job_ids`` (called after the end is committed)."""
@@ -125,7 +144,7 @@ class JobEnds:
 
     # ------------------------------------------------------------ the listener
     def _start_listener(self) -> None:
-        """Start listening with the first waiter: a worker or a CLI never opens the connection."""
+        """Start listening with the first waiter or worker: a CLI never opens the connection."""
         if self.conninfo is None or self._closed.is_set():
             return
         with self._lock:
@@ -142,15 +161,26 @@ class JobEnds:
             try:
                 with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    # Whatever ended while nobody listened: every waiter reads the store once
-                    # (woken before ``listening`` says so, so a waiter that sees it missed nothing).
+                    conn.execute(f"LISTEN {QUEUED_CHANNEL}")
+                    # Whatever ended or came while nobody listened: every waiter reads the store
+                    # once (woken before ``listening`` says so, so one that sees it missed nothing).
                     self.wake_all("reconnect")
+                    self._call_queued()
                     self._listening.set()
                     while not self._closed.is_set():
                         for note in conn.notifies(timeout=LISTEN_TICK):
-                            self.ended([note.payload], "notify")
+                            if note.channel == QUEUED_CHANNEL:
+                                self._call_queued()
+                            else:
+                                self.ended([note.payload], "notify")
             except psycopg.Error as exc:
                 LOGGER.warning("listening for job ends failed; waiters poll", extra={"detail": str(exc)})
             finally:
                 self._listening.clear()
             self._closed.wait(RECONNECT_PAUSE)
+
+    def _call_queued(self) -> None:
+        with self._lock:
+            callbacks = list(self._queued)
+        for callback in callbacks:
+            callback()

@@ -24,8 +24,6 @@ from enum import StrEnum
 from typing import Any, Final
 
 import requests
-from cloudevents.core.bindings.http import to_structured_event
-from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
 
 from ..cartapi import connection_problem
 from .jobs import Job, JobError, JobState
@@ -110,7 +108,14 @@ def cart_deletion(cart_url: str | None) -> list[Notice]:
 
 
 def structured(event: dict[str, Any]) -> tuple[dict[str, str], bytes]:
-    """The headers and body of a structured-mode HTTP request, from the SDK."""
+    """The headers and body of a structured-mode HTTP request, from the SDK.
+
+    The SDK (and dateutil under it) is imported when a first event is sent: a worker process
+    with no completion events configured never holds it.
+    """
+    from cloudevents.core.bindings.http import to_structured_event
+    from cloudevents.core.v1.event import CloudEvent as SDKCloudEvent
+
     attributes = {name: value for name, value in event.items() if name != "data"}
     if isinstance(attributes.get("time"), str):
         attributes["time"] = datetime.fromisoformat(attributes["time"])

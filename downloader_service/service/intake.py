@@ -16,11 +16,13 @@ from typing import Any
 
 from ..cloudevent import CloudEvent
 from ..errors import InvalidEventError, InvalidInputError
+from . import eventdata
 from .errors import ServiceBusyError
+from .eventdata import DataList, StoredEvent
 from .jobs import Job, JobError, JobState
 from .metrics import ServiceMetrics
 from .settings import Settings
-from .store import JobStore, NewJob
+from .store import FilesColumn, JobStore, NewJob
 from .webhook import ReceivedEvent
 
 LOGGER = logging.getLogger(__name__)
@@ -44,11 +46,13 @@ class Intake:
         self.metrics = metrics
         self.wake = wake  # tells this process's worker that a job is waiting
 
-    def accept(self, events: Sequence[ReceivedEvent]) -> list[tuple[Job, bool]]:
+    def accept(self, events: Sequence[ReceivedEvent], log_accepted: bool = True) -> list[tuple[Job, bool]]:
         """Make a job of every event and commit them all at once: ``(job, created)`` each.
 
         An event that can never be downloaded becomes a ``rejected`` job, or, in strict
-        mode, refuses the whole request (nothing is stored).
+        mode, refuses the whole request (nothing is stored). Each accepted event is logged
+        (``event accepted``), unless ``log_accepted`` is false: the caller logs it in a line of
+        its own (``POST /`` in its access line). Rejections and conflicts are always logged.
         """
         new_jobs = [self.new_job(event, index, len(events) > 1) for index, event in enumerate(events)]
         cap = self.settings.max_queued
@@ -78,7 +82,7 @@ class Intake:
                 LOGGER.warning(
                     "event rejected", extra={**extra, "error": job.error.kind, "detail": job.error.detail}
                 )
-            else:
+            elif log_accepted:
                 LOGGER.info("event accepted", extra=extra)
         return accepted
 
@@ -90,6 +94,13 @@ class Intake:
                     f"the event's {name} is longer than {MAX_KEY_LENGTH} characters", field=name
                 )
         job_id = uuid.uuid4().hex
+        stored = StoredEvent.of(event.record())
+        document = event.document()
+        if isinstance(event.data, DataList):
+            # The stored text has it all: the chunks go (10 MB for the largest event) before
+            # the files are checked, and the check reads the data from the stored text.
+            event.data.release()
+            document["data"] = eventdata.stored_data(stored.text, len(event.data))
         try:
             if event.type not in self.settings.event_types:
                 raise InvalidEventError(
@@ -97,12 +108,14 @@ class Intake:
                     + ", ".join(self.settings.event_types),
                     field="type",
                 )
-            files = CloudEvent.files(event.document())
+            # Each file encoded for the store as it is checked: no list of them all.
+            files = FilesColumn()
+            CloudEvent.check_files(document, files.add)
         except InvalidInputError as exc:
             if self.settings.strict:
                 if batch:
                     context: dict[str, Any] = dict(exc.context)
                     raise type(exc)(f"batch[{index}]: {exc}", index=index, **context) from exc
                 raise
-            return NewJob(job_id, event.source, event.id, event.type, event.record(), (), JobError.of(exc))
-        return NewJob(job_id, event.source, event.id, event.type, event.record(), files)
+            return NewJob(job_id, event.source, event.id, event.type, stored, (), JobError.of(exc))
+        return NewJob(job_id, event.source, event.id, event.type, stored, files)

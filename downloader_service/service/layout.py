@@ -13,10 +13,12 @@ import json
 import os
 import re
 import string
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
+from .eventdata import DataList
 from .jobs import Job, dumps
 
 DEFAULT_LAYOUT: Final = "event-{event_id}-{job}"
@@ -95,7 +97,7 @@ def transaction_metadata(event: Mapping[str, Any]) -> dict[str, Any]:
     data = event.get("data")
     meta: dict[str, Any] = {name: None for name in _TRANSACTION_FIELDS.values()}
     pairs: dict[str, Any] = {}
-    for obj in data if isinstance(data, list) else []:
+    for obj in data if isinstance(data, (list, DataList)) else []:
         if not isinstance(obj, Mapping):
             continue
         table = obj.get("destinationTable")
@@ -118,7 +120,7 @@ def write_beside(directory: str, job: Job) -> None:
         "files": [],  # written one file at a time, below
     }
     with open(os.path.join(directory, NOTIFICATION_FILE), "w", encoding="utf-8") as handle:
-        handle.write(dumps(event, indent=2) + "\n")
+        _write_indented(handle, event)
     with open(os.path.join(directory, METADATA_FILE), "w", encoding="utf-8") as handle:
         # As json.dump(indent=2) would write it with every file's Cartd object in "files" (the
         # last key), but without a dict of each of them all at once: 30 MB for 76,000 files.
@@ -128,6 +130,20 @@ def write_beside(directory: str, job: Job) -> None:
             item = json.dumps(file.as_cartd(), ensure_ascii=False, indent=2).replace("\n", "\n    ")
             handle.write(("," if index else "") + "\n    " + item)
         handle.write(("\n  ]" if job.files else "") + tail + "\n")
+
+
+def _write_indented(handle: TextIO, event: Mapping[str, Any]) -> None:
+    """Write ``dumps(event, indent=2)`` and a newline, a large ``data`` one item at a time."""
+    data = event.get("data")
+    if not isinstance(data, DataList):
+        handle.write(dumps(event, indent=2) + "\n")
+        return
+    token = uuid.uuid4().hex  # stands for the data in the text around it: no sender can guess it
+    head, tail = dumps({**event, "data": token}, indent=2).split(f'"{token}"')
+    handle.write(head + ("[" if data else "[]"))
+    for index, item in enumerate(data):
+        handle.write(("," if index else "") + "\n    " + dumps(item, indent=2).replace("\n", "\n    "))
+    handle.write(("\n  ]" if data else "") + tail + "\n")
 
 
 def apply_umask(directory: str, umask: int) -> None:

@@ -19,16 +19,18 @@ import functools
 import secrets
 import time
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode
 
 import cherrypy
-import jinja2
 
 from .. import __version__
 from .jobs import Job, JobState
 from .store import Gap, GapState, JobStore, StoreError
 from .subscription import replay_command
+
+if TYPE_CHECKING:
+    import jinja2
 
 HTML_TYPE: Final = "text/html; charset=utf-8"
 PAGE_SIZE: Final = 50  # the newest jobs shown; /jobs pages on past them
@@ -118,7 +120,13 @@ def _page(nonce: str, **values: Any) -> str:
 
 @functools.cache
 def _template() -> jinja2.Template:
-    """``templates/page.html`` (package data), with autoescape on for every value."""
+    """``templates/page.html`` (package data), with autoescape on for every value.
+
+    Jinja2 is imported here, when the page is first asked for: ~6 MB a process that never
+    serves it (a worker, a replica behind another's page) does not hold.
+    """
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.PackageLoader(__package__, "templates"),
         autoescape=True,

@@ -19,7 +19,7 @@ from .logs import configure_json_logging
 from .settings import Settings
 from .store import default_owner
 from .subscription import SubscriptionGuard
-from .worker import release_free_memory
+from .worker import map_large_blocks, release_free_memory
 
 LOGGER = logging.getLogger(__name__)
 TRIM_SECONDS = 20.0
@@ -34,6 +34,7 @@ def serve(settings: Settings) -> None:
     """
     check_listen(settings.host, settings.port)
     configure_json_logging(settings.log_level)
+    map_large_blocks()
     app = create_app(settings)
     cherrypy.tree.apps[""] = app
     cherrypy.config.update(

@@ -1,15 +1,16 @@
 """The job store: the schema and every query of jobs, on SQLite or PostgreSQL (SQLAlchemy Core).
 
 Jobs are rows. The intake inserts one per event, in the same transaction for a whole batch,
-before it answers; a unique key on (``source``, ``event_id``) makes a second delivery of an
-event find the first job instead of making another. Workers claim a job by setting its
-``lease_owner`` and ``lease_expires``: on PostgreSQL the candidate row is locked with
-``FOR UPDATE SKIP LOCKED``, so any number of workers on any number of machines never claim
-the same job; on SQLite every write transaction is ``BEGIN IMMEDIATE``, which serialises them.
-A worker renews its leases while it works; a job whose lease ran out is claimable again, and
-its claimer cleans what the dead attempt left (``attempt_path``, ``cart_url``). Every change a
-worker makes is conditional on still holding the lease, so a worker that lost its job can
-no longer touch it.
+before it answers; requests that arrive together share that transaction too (a group commit:
+one INSERT, one commit, one flush to disk for all of them). A unique key on (``source``,
+``event_id``) makes a second delivery of an event find the first job instead of making
+another. Workers claim a job by setting its ``lease_owner`` and ``lease_expires``: on
+PostgreSQL the candidate row is locked with ``FOR UPDATE SKIP LOCKED``, so any number of
+workers on any number of machines never claim the same job; on SQLite every write
+transaction is ``BEGIN IMMEDIATE``, which serialises them. A worker renews its leases while
+it works; a job whose lease ran out is claimable again, and its claimer cleans what the dead
+attempt left (``attempt_path``, ``cart_url``). Every change a worker makes is conditional on
+still holding the lease, so a worker that lost its job can no longer touch it.
 
 Times are seconds since the epoch from the injected ``clock``: the database is shared by
 machines, so a monotonic clock would not do.
@@ -18,11 +19,12 @@ machines, so a monotonic clock would not do.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,19 +51,24 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
+    literal_column,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, SQLAlchemyError
 
 from ..cartfile import CartFile
 from ..errors import DownloaderError, first_line
+from ..jsonstream import JsonWindow, reader
+from . import eventdata
 from .ends import CHANNEL as JOB_ENDS_CHANNEL
+from .ends import QUEUED_CHANNEL as JOBS_QUEUED_CHANNEL
 from .ends import JobEnds
+from .eventdata import StoredEvent
 from .jobs import Job, JobError, JobState, dumps
 
 LOGGER = logging.getLogger(__name__)
@@ -73,6 +80,8 @@ _UPGRADE_LOCK: Final = 0x70616369666963  # "pacific"
 SQLITE_BUSY_TIMEOUT: Final = 30.0
 SQLITE_POOL_MAX: Final = 12
 SQLITE_CACHE_KIB: Final = 512
+# A PostgreSQL connection used less than this many seconds ago goes to the intake unpinged.
+PING_IDLE: Final = 1.0
 
 METADATA = MetaData()
 
@@ -92,9 +101,7 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
-    Column("event", Text, nullable=False),
-    Column("files", Text, nullable=False),
-    Column("file_count", Integer),  # len(files), read without parsing them (0004)
+    Column("file_count", Integer),  # how many files it has, read without parsing them (0004)
     Column("lease_owner", String(200)),
     Column("lease_expires", Float),
     Column("attempt_path", Text),
@@ -119,6 +126,21 @@ jobs = Table(
     Index("ix_jobs_state_run_at", "state", "run_at"),
     Index("ix_jobs_created_at", "created_at"),
     Index("ix_jobs_state_lease_expires", "state", "lease_expires"),
+)
+
+# A job's files and its event as received (0007): written once, out of ``jobs``, whose row
+# every claim, renewal and end rewrites (SQLite writes a whole new record for any UPDATE:
+# 17 MB each time for a job of 76,000 files). A claim reads the files, the publishing of a
+# download the event. On SQLite a large one is written through SQLite's blob I/O, a piece at
+# a time (see JobStore._put_large): bound as a parameter, SQLite copied the texts twice more
+# (35 MB at once for the largest event). The event is the last column: reserved for the blob
+# I/O, a record's last value is not materialised.
+job_contents = Table(
+    "job_contents",
+    METADATA,
+    Column("job_id", String(32), primary_key=True),
+    Column("files", Text, nullable=False),  # a JSON array: each file's Cartd object and size
+    Column("event", Text, nullable=False),  # the CloudEvent 1.0 JSON, its mode as "receivedmode"
 )
 
 
@@ -268,21 +290,83 @@ class SchemaError(StoreError):
     retryable = False
 
 
+class FilesColumn:
+    """A job's ``files`` column, written a file at a time.
+
+    A JSON array of each file's Cartd object and ``size``, encoded a batch at a time: a list
+    of every file's dict would cost ~400 bytes a file more, the files themselves ~300.
+    """
+
+    __slots__ = ("_batch", "_chunks", "count")
+
+    def __init__(self) -> None:
+        self._chunks: list[str] = []
+        self._batch: list[dict[str, Any]] = []
+        self.count = 0
+
+    @classmethod
+    def of(cls, files: Iterable[CartFile]) -> FilesColumn:
+        column = cls()
+        for file in files:
+            column.add(file)
+        return column
+
+    def add(self, file: CartFile) -> None:
+        self._batch.append({**file.as_cartd(), "size": file.size})
+        self.count += 1
+        if len(self._batch) == _FILES_BATCH:
+            self._flush()
+
+    def text(self) -> str:
+        """The column's JSON text (made once: the pieces are joined at once)."""
+        self._flush()
+        pieces = ["["]
+        for chunk in self._chunks:
+            pieces += (chunk, ",")
+        pieces[-1:] = ["]"] if self._chunks else ["[", "]"]
+        return "".join(pieces)
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._chunks.append(dumps(self._batch)[1:-1])
+            self._batch = []
+
+
+_FILES_BATCH = 1000
+
+
 @dataclass(frozen=True)
 class NewJob:
-    """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why."""
+    """What the intake knows of an event: a ``queued`` job, or a ``rejected`` one and why.
+
+    Its event and files are given as they are, or already encoded (:class:`.StoredEvent`,
+    :class:`FilesColumn`).
+    """
 
     id: str
     source: str
     event_id: str
     type: str
-    event: Mapping[str, Any]
-    files: Sequence[CartFile] = ()
+    event: Mapping[str, Any] | StoredEvent
+    files: Sequence[CartFile] | FilesColumn = ()
     error: JobError | None = None
 
     @property
     def state(self) -> str:
         return JobState.REJECTED if self.error is not None else JobState.QUEUED
+
+
+class _Ticket:
+    """One :meth:`JobStore.add` call waiting in a group commit, and what it is told."""
+
+    __slots__ = ("answers", "error", "lead", "new_jobs", "ready")
+
+    def __init__(self, new_jobs: Sequence[NewJob]) -> None:
+        self.new_jobs = new_jobs
+        self.ready = threading.Event()
+        self.lead = False  # this caller inserts the next group
+        self.answers: list[tuple[Job, bool]] | None = None  # committed
+        self.error: Exception | None = None  # its own jobs failed, alone
 
 
 def engine_url(url: str) -> str:
@@ -328,24 +412,37 @@ class JobStore:
         # clocks drift; one running 120 s ahead took over jobs others still ran). SQLite is one
         # machine's file. A clock injected by a test stands in for it unless db_clock says so.
         self.db_clock = self.dialect == "postgresql" and (clock is None if db_clock is None else db_clock)
+        # Set while this thread's intake group takes its connection (see _postgres_engine).
+        self._intake = threading.local()
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(self.url, parsed.database, pool_size, max_overflow)
         elif self.dialect == "postgresql":
-            self.engine = create_engine(
-                self.url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
-            )
+            self.engine = _postgres_engine(self.url, pool_size, max_overflow, self._pings)
         else:
             raise ValueError(f"the job store runs on SQLite or PostgreSQL, not {self.dialect!r}")
-        self._insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._insert = _dialect_insert(self.dialect)
         # The intake's INSERT, built once: each event's row goes in as the parameters of one
         # statement whose compiled form SQLAlchemy caches. Built per event with the values in
         # it, SQLAlchemy coerced and keyed every value anew (~0.3 ms of CPU an event).
+        # Executed with every row of a group at once (SQLAlchemy's "insertmanyvalues": one
+        # multi-row INSERT a page), and returning only what the rows in hand do not say: which
+        # were inserted, and when they are due (the database's clock on PostgreSQL).
+        returned: list[Any] = [jobs.c.id, jobs.c.run_at]
+        if self.dialect == "postgresql":
+            # Workers in other processes are told in the same statement, not one more round
+            # trip: PostgreSQL sends one notification for a transaction's identical ones.
+            returned.append(func.pg_notify(JOBS_QUEUED_CHANNEL, "").label("told"))
         add_job = (
             self._insert(jobs)
             .on_conflict_do_nothing(index_elements=["source", "event_id"])
-            .returning(*_STATE_COLUMNS)
+            .returning(*returned)
         )
         self._add_job = add_job.values(run_at=self._lease_now()) if self.db_clock else add_job
+        # Group commit (see add): the requests waiting to be inserted, and whether a thread
+        # is inserting a group now (the leader).
+        self._group_lock = threading.Lock()
+        self._group: list[_Ticket] = []
+        self._leading = False
         # A SQLite file removed or replaced under us: our connections would go on writing to
         # the old, unlinked file, answer 2xx, and lose it all at the next start. Its identity
         # (device, inode) is taken at the first write and checked at every one after.
@@ -362,6 +459,14 @@ class JobStore:
             if self.dialect == "postgresql"
             else None
         )
+
+    def _pings(self) -> bool:
+        """Whether a connection used moments ago is pinged before this thread uses it again.
+
+        Not for the intake's group: it pays a round trip per group otherwise, and a group that
+        met a dead connection is inserted again (see :meth:`_lead`).
+        """
+        return not getattr(self._intake, "active", False)
 
     def close(self) -> None:
         """Stop listening for job ends and close every pooled connection."""
@@ -418,38 +523,156 @@ class JobStore:
         ``created=False`` -- except a ``failed`` job whose last error was retryable, which
         is queued again: the sender's new delivery is taken as a request to retry. The jobs
         come back without their event and files (:meth:`get` has them).
+
+        Group commit: calls from several threads at once share one transaction (one INSERT of
+        all their rows, one commit, one flush to disk), each answered its own jobs once it is
+        committed. The first caller with nobody inserting becomes the leader: it inserts what
+        is waiting then, the others wait for its commit, and the first of those who came
+        meanwhile leads the next group. If a group's transaction fails, each of its callers
+        inserts its own jobs alone, as if there were no group: one request's bad row cannot
+        fail another's, and each gets its own error.
         """
+        ticket = _Ticket(new_jobs)
+        with self._group_lock:
+            self._group.append(ticket)
+            ticket.lead = not self._leading
+            self._leading = True
+        if not ticket.lead:
+            ticket.ready.wait()  # answered, told to go alone, or made the next leader
+        if ticket.lead:
+            self._lead(ticket)
+        if ticket.answers is not None:
+            return ticket.answers
+        if ticket.error is not None:
+            raise ticket.error
+        return self._add_group([ticket.new_jobs])[0]
+
+    def _lead(self, own: _Ticket) -> None:
+        """Insert and commit every waiting caller's jobs, tell each, and pass the lead on."""
+        with self._group_lock:
+            group, self._group = self._group, []
+        try:
+            answers = self._add_group([ticket.new_jobs for ticket in group])
+        except Exception as exc:  # noqa: BLE001 -- whatever it was, each caller meets it alone
+            if len(group) == 1 and not _dead_connection(exc):
+                own.error = exc  # alone already: this is its answer (a dead connection: once more)
+            # else every caller, this one too, tries its own jobs alone (answers stay None)
+        else:
+            for ticket, answer in zip(group, answers, strict=True):
+                ticket.answers = answer
+        finally:
+            with self._group_lock:
+                after = self._group[0] if self._group else None
+                self._leading = after is not None
+            if after is not None:
+                after.lead = True
+                after.ready.set()
+            for ticket in group:
+                if ticket is not own:
+                    ticket.ready.set()
+
+    def _add_group(self, groups: Sequence[Sequence[NewJob]]) -> list[list[tuple[Job, bool]]]:
+        """:meth:`add` for several callers' jobs in one transaction: their answers, in order."""
         now = self.clock()
-        answers = []
-        with self._write() as conn:
+        rows = []
+        contents = []  # each row's job id, event and files: they go into tables of their own
+        for new_jobs in groups:
             for new in new_jobs:
                 row = _new_row(new, now)
+                contents.append((row["id"], row.pop("event"), row.pop("files")))
                 if self.db_clock:
                     del row["run_at"]  # the statement has it: the database's clock
+                rows.append(row)
+        # One statement for every row: each row with every column the others have.
+        columns = {key for row in rows for key in row}
+        for row in rows:
+            if len(row) < len(columns):
+                for key in columns.difference(row):
+                    row[key] = None
+        self._intake.active = True
+        try:
+            with self._write() as conn:
+                self._intake.active = False
+                return self._insert_group(conn, groups, rows, contents, now)
+        finally:
+            self._intake.active = False
+
+    def _insert_group(
+        self,
+        conn: Connection,
+        groups: Sequence[Sequence[NewJob]],
+        rows: list[dict[str, Any]],
+        contents: list[tuple[str, str, str]],
+        now: float,
+    ) -> list[list[tuple[Job, bool]]]:
+        """:meth:`_add_group`'s rows into the store, in its transaction: the answers."""
+        inserted: dict[str, float] = {}
+        if rows:
+            inserted.update((row.id, row.run_at) for row in conn.execute(self._add_job, rows))
+        # On PostgreSQL the INSERT told the other processes' workers of the new jobs (see
+        # __init__); on SQLite there is no channel across processes (the intake wakes its own).
+        self._put_contents(conn, [each for each in contents if each[0] in inserted])
+        answers = []
+        at = 0
+        for new_jobs in groups:
+            answer = []
+            for new, row in zip(new_jobs, rows[at : at + len(new_jobs)], strict=True):
+                run_at = inserted.get(row["id"])
+                if run_at is not None:
+                    answer.append((_new_job(row, run_at), True))
                 else:
-                    row["run_at"] = self._lease_now()
-                inserted = conn.execute(self._add_job, row).first()
-                if inserted is not None:
-                    answers.append((_job(inserted), True))
-                    continue
-                same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
-                digest = row["event_digest"]
-                conflicted = conn.execute(
-                    update(jobs)
-                    .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
-                    .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
-                ).rowcount
-                existing = replace(_job(_select_one(conn, same, contents=False)), conflicted=bool(conflicted))
-                if (
-                    existing.state == JobState.FAILED
-                    and existing.error is not None
-                    and existing.error.retryable
-                ):
-                    _requeue(conn, existing.id, now)
-                    answers.append((_job(_select_one(conn, jobs.c.id == existing.id, contents=False)), True))
-                else:
-                    answers.append((existing, False))
+                    answer.append(self._known(conn, new, row["event_digest"], now))
+            answers.append(answer)
+            at += len(new_jobs)
         return answers
+
+    def _known(self, conn: Connection, new: NewJob, digest: str, now: float) -> tuple[Job, bool]:
+        """An event whose (source, id) has a job already: that job, its conflict counted."""
+        same = and_(jobs.c.source == new.source, jobs.c.event_id == new.event_id)
+        conflicted = conn.execute(
+            update(jobs)
+            .where(same, jobs.c.event_digest.is_not(None), jobs.c.event_digest != digest)
+            .values(conflicts=jobs.c.conflicts + 1, conflict_at=now)
+        ).rowcount
+        existing = replace(_job(_select_one(conn, same)), conflicted=bool(conflicted))
+        if existing.state == JobState.FAILED and existing.error is not None and existing.error.retryable:
+            _requeue(conn, existing.id, now)
+            return _job(_select_one(conn, jobs.c.id == existing.id)), True
+        return existing, False
+
+    def _put_contents(self, conn: Connection, contents: Sequence[tuple[str, str, str]]) -> None:
+        """Insert the new jobs' events and files: one statement for the group's.
+
+        A job with a text of a MiB or more on SQLite goes in a piece at a time instead
+        (:meth:`_put_large`).
+        """
+        small: list[dict[str, str]] = []
+        for job_id, event_text, files_text in contents:
+            if self.dialect == "sqlite" and max(len(event_text), len(files_text)) >= _LARGE_TEXT:
+                self._put_large(conn, job_id, event_text, files_text)
+            else:
+                small.append({"job_id": job_id, "files": files_text, "event": event_text})
+        if small:
+            conn.execute(insert(job_contents), small)
+
+    def _put_large(self, conn: Connection, job_id: str, event_text: str, files_text: str) -> None:
+        """Insert a job's contents on SQLite, each text a MiB at a time.
+
+        SQLite reserves the values (``zeroblob``; the event's, the record's last, is not
+        materialised) and the texts are written into them through the blob I/O, so neither the
+        sqlite3 module nor SQLite holds a copy of them whole. They read back as UTF-8 bytes
+        (BLOBs), which every reader here decodes as it decodes text.
+        """
+        sizes = {"files": _utf8_size(files_text), "event": _utf8_size(event_text)}
+        reserve = insert(job_contents).values(
+            job_id=job_id, files=func.zeroblob(sizes["files"]), event=func.zeroblob(sizes["event"])
+        )
+        rowid: int = conn.execute(reserve.returning(literal_column("rowid"))).scalar_one()
+        raw = conn.connection.dbapi_connection
+        for column, value in (("files", files_text), ("event", event_text)):
+            with raw.blobopen(job_contents.name, column, rowid) as blob:  # type: ignore[union-attr]
+                for piece in _utf8_pieces(value):
+                    blob.write(piece)
 
     # --------------------------------------------------- claim and lease
     def claim(self, owner: str, lease: float) -> Job | None:
@@ -458,34 +681,43 @@ class JobStore:
         Two queries, each walking an index in order and stopping at its first row (an OR of
         both would scan and sort every due row: 183 ms a claim with 100,000 queued).
         """
-        now = self._lease_now()
+        with self._write() as conn:
+            row = self._claim_row(conn, owner, lease, self._lease_now())
+        if row is None:
+            return None
+        # Its files, read after the claim's write transaction (the write lock is not held while
+        # 76,000 of them are parsed); not its event: the worker reads that when it publishes.
+        files = self.files(row.id)
+        return replace(_job(row), files=files, file_count=len(files))
+
+    def _claim_row(self, conn: Connection, owner: str, lease: float, now: Any) -> Any:
+        """The row of the job :meth:`claim` takes, leased to ``owner``; None if none is due."""
         orphaned = (jobs.c.state == JobState.RUNNING, jobs.c.lease_expires < now, jobs.c.lease_expires, 1)
         due = (jobs.c.state == JobState.QUEUED, jobs.c.run_at <= now, jobs.c.run_at, 0)
-        with self._write() as conn:
-            for state, ready, order, died in (orphaned, due):
-                candidate = (
-                    select(jobs.c.id)
-                    .where(state, ready)
-                    .order_by(order)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
-                    .scalar_subquery()
+        for state, ready, order, died in (orphaned, due):
+            candidate = (
+                select(jobs.c.id)
+                .where(state, ready)
+                .order_by(order)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            )
+            row = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == candidate)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires=now + lease,
+                    attempts=jobs.c.attempts + 1,
+                    deaths=jobs.c.deaths + died,
+                    updated_at=self.clock(),
                 )
-                row = conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id == candidate)
-                    .values(
-                        state=JobState.RUNNING,
-                        lease_owner=owner,
-                        lease_expires=now + lease,
-                        attempts=jobs.c.attempts + 1,
-                        deaths=jobs.c.deaths + died,
-                        updated_at=self.clock(),
-                    )
-                    .returning(*jobs.c)
-                ).first()
-                if row is not None:
-                    return _job(row)
+                .returning(*jobs.c)
+            ).first()
+            if row is not None:
+                return row
         return None
 
     def renew(self, job_ids: Iterable[str], owner: str, lease: float) -> set[str]:
@@ -513,7 +745,8 @@ class JobStore:
             raise TypeError(
                 f"note_attempt takes attempt_path, cart_url, download_path, not {sorted(unknown)}"
             )
-        return self._update_held(job_id, owner, (), **values)
+        columns: dict[str, Any] = dict(values)
+        return self._update_held(job_id, owner, (), **columns)
 
     def finish(
         self,
@@ -599,6 +832,7 @@ class JobStore:
             job_id,
             owner,
             notices,
+            due_now=True,
             state=JobState.QUEUED,
             run_at=self._lease_now(),
             attempts=jobs.c.attempts - 1,
@@ -607,13 +841,16 @@ class JobStore:
             **leftovers,
         )
 
-    def _update_held(self, job_id: str, owner: str, notices: Sequence[Notice] = (), **values: Any) -> bool:
+    def _update_held(
+        self, job_id: str, owner: str, notices: Sequence[Notice] = (), *, due_now: bool = False, **values: Any
+    ) -> bool:
         """Update a running job only while ``owner`` still holds its lease.
 
         ``notices`` go into the outbox in the same transaction (the transactional outbox): the
         job's end and what must follow it (its completion event, deleting its cart) are
         committed together or not at all. When the update ends the job (done or failed),
         whoever waits for it is woken: on PostgreSQL by a NOTIFY sent when, and only if, it commits.
+        ``due_now``: the job is handed back, due at once; workers in other processes are told.
         """
         ends = values.get("state") in (JobState.DONE, JobState.FAILED)
         now = self.clock()
@@ -641,6 +878,8 @@ class JobStore:
                 )
             if ends and result.rowcount and self.dialect == "postgresql":
                 conn.execute(select(func.pg_notify(JOB_ENDS_CHANNEL, job_id)))
+            if due_now and result.rowcount:
+                _announce_queued(conn)
         if ends and result.rowcount:
             self.ends.ended([job_id])
         return bool(result.rowcount)
@@ -649,8 +888,67 @@ class JobStore:
     def get(self, job_id: str, contents: bool = True) -> Job | None:
         """The job with this id; with ``contents=False`` without its event and files."""
         with self._read() as conn:
-            row = conn.execute(select(*_columns(contents)).where(jobs.c.id == job_id)).first()
-        return None if row is None else _job(row)
+            row = conn.execute(_select(contents).where(jobs.c.id == job_id)).first()
+        return None if row is None else _job(row, row.files if contents else None)
+
+    def event(self, job_id: str) -> dict[str, Any] | None:
+        """The job's event as stored, its ``data`` never held.
+
+        The data is read from the store again each time it is walked
+        (a :class:`.eventdata.StoredDataList`).
+        """
+        with self._reading("event", job_id) as window:
+            if window is None:
+                return None
+            if window.peek() != "{":
+                value: dict[str, Any] = window.value()
+                return value
+            event: dict[str, Any] = {}
+            for key in window.members():
+                if key == "data" and window.peek() == "[":
+                    length = sum(1 for _ in window.items() if _skip(window))
+                    event[key] = eventdata.StoredDataList(functools.partial(self._data, job_id), length)
+                else:
+                    event[key] = window.value()
+            window.end()
+        return event
+
+    def _data(self, job_id: str) -> Iterator[Any]:
+        """The items of the job's stored event's ``data``, each decoded in its turn."""
+        with self._reading("event", job_id) as window:
+            if window is not None:
+                yield from eventdata.data_items(window)
+
+    def files(self, job_id: str) -> tuple[CartFile, ...]:
+        """The job's files, each made as it is read (never a dict of every one, nor the text)."""
+        with self._reading("files", job_id) as window:
+            if window is None:
+                return ()
+            files = tuple(CartFile(**window.value()) for _ in window.items())
+            window.end()
+        return files
+
+    @contextmanager
+    def _reading(self, column: str, job_id: str) -> Iterator[JsonWindow | None]:
+        """The job's stored JSON ``column`` (``event`` or ``files``), to walk (None if none).
+
+        On SQLite read through the blob I/O a window at a time, never whole; PostgreSQL sends
+        the value whole.
+        """
+        table = job_contents
+        with self._read() as conn:
+            where = table.c.job_id == job_id
+            if self.dialect != "sqlite":
+                value = conn.execute(select(table.c[column]).where(where)).scalar()
+                yield None if value is None else JsonWindow(reader(value))
+                return
+            rowid = conn.execute(select(literal_column("rowid")).select_from(table).where(where)).scalar()
+            if rowid is None:
+                yield None
+                return
+            raw = conn.connection.dbapi_connection
+            with raw.blobopen(table.name, column, rowid, readonly=True) as blob:  # type: ignore[union-attr]
+                yield JsonWindow(blob.read)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job]:
         """The jobs with these ids, in the order asked (unknown ids left out), without contents."""
@@ -732,7 +1030,7 @@ class JobStore:
                 return None
             if row.state in (JobState.FAILED, JobState.QUEUED):
                 _requeue(conn, job_id, now)
-            return _job(_select_one(conn, jobs.c.id == job_id, contents=False))
+            return _job(_select_one(conn, jobs.c.id == job_id))
 
     def delete(self, job_id: str) -> Job | None:
         """Remove the job's record and its delivered outbox rows (the caller removes its files).
@@ -744,6 +1042,7 @@ class JobStore:
             conn.execute(
                 delete(outbox).where(outbox.c.job_id == job_id, outbox.c.state != DeliveryState.PENDING)
             )
+            conn.execute(delete(job_contents).where(job_contents.c.job_id == job_id))
             row = conn.execute(delete(jobs).where(jobs.c.id == job_id).returning(*_STATE_COLUMNS)).first()
         return None if row is None else _job(row)
 
@@ -1041,6 +1340,43 @@ def open_store(url: str, upgrade: bool = True, **kwargs: Any) -> JobStore:
     return store
 
 
+def _postgres_engine(url: str, pool_size: int, max_overflow: int, pings: Callable[[], bool]) -> Engine:
+    """Make the PostgreSQL engine, which pings a pooled connection before use.
+
+    The ping is a ``SELECT 1`` round trip (as SQLAlchemy's ``pool_pre_ping``); it is left out
+    for a connection used less than :data:`PING_IDLE` ago when ``pings()`` says this checkout
+    may go without (the intake's group, which is inserted again if the connection was dead).
+    A ping that finds the connection dead has the pool open a fresh one in its place.
+    """
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _used(_dbapi_connection: Any, record: Any) -> None:
+        record.info["used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("used", 0.0) < PING_IDLE and not pings():
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):  # type: ignore[arg-type]
+                raise DisconnectionError(f"a pooled connection is dead: {_short(exc)}") from exc
+            raise
+        if not alive:
+            raise DisconnectionError("a pooled connection is dead")
+
+    return engine
+
+
+def _dead_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store meeting a connection that had died (the pool has dropped it)."""
+    cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+    return isinstance(cause, DBAPIError) and cause.connection_invalidated
+
+
 def _sqlite_engine(url: str, database: str | None, pool_size: int, max_overflow: int) -> Engine:
     # One writer at a time (BEGIN IMMEDIATE) and cheap connections: a pool of one connection
     # per HTTP thread only held more descriptors and page caches (32 threads: +46 fds, +20 MB
@@ -1109,6 +1445,7 @@ def _alembic_config() -> Any:
 
 
 def _new_row(new: NewJob, now: float) -> dict[str, Any]:
+    stored = new.event if isinstance(new.event, StoredEvent) else StoredEvent.of(new.event)
     row: dict[str, Any] = {
         "id": new.id,
         "source": new.source,
@@ -1120,11 +1457,11 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
         "retry_from": now,
         "created_at": now,
         "updated_at": now,
-        "event": dumps(dict(new.event)),
-        "event_digest": event_digest(new.event),
-        "files": _files_json(new.files),
-        "file_count": len(new.files),
+        "event": stored.text,
+        "event_digest": stored.digest,
     }
+    files = new.files if isinstance(new.files, FilesColumn) else FilesColumn.of(new.files)
+    row.update(files=files.text(), file_count=files.count)
     if new.error is not None:
         row.update(_error_values(new.error), finished_at=now)
     return row
@@ -1132,8 +1469,7 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
 
 def event_digest(event: Mapping[str, Any]) -> str:
     """sha256 of an event's record, without how it came (the same event may come another way)."""
-    record = {key: value for key, value in event.items() if key != "receivedmode"}
-    return hashlib.sha256(dumps(record).encode("utf-8", "surrogatepass")).hexdigest()
+    return StoredEvent.of(event).digest
 
 
 def _requeue(conn: Connection, job_id: str, now: float) -> None:
@@ -1142,6 +1478,13 @@ def _requeue(conn: Connection, job_id: str, now: float) -> None:
         .where(jobs.c.id == job_id)
         .values(state=JobState.QUEUED, run_at=now, retry_from=now, updated_at=now, finished_at=None)
     )
+    _announce_queued(conn)
+
+
+def _announce_queued(conn: Connection) -> None:
+    """On PostgreSQL, tell workers in other processes that a job is due now (sent at commit)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(JOBS_QUEUED_CHANNEL, "")))
 
 
 def _error_values(error: JobError) -> dict[str, Any]:
@@ -1153,32 +1496,59 @@ def _error_values(error: JobError) -> dict[str, Any]:
     }
 
 
-def _files_json(files: Sequence[CartFile]) -> str:
-    """The ``files`` column: a JSON array of each file's Cartd object and ``size``.
+def _select_one(conn: Connection, where: Any) -> Any:
+    return conn.execute(select(*_STATE_COLUMNS).where(where)).one()
 
-    Encoded a batch at a time: a list of every file's dict would cost ~400 bytes a file more.
-    """
-    batches = (
-        dumps([{**file.as_cartd(), "size": file.size} for file in files[start : start + 1000]])[1:-1]
-        for start in range(0, len(files), 1000)
+
+def _select(contents: bool) -> Any:
+    """A job's columns, with ``contents`` its event and files too."""
+    if not contents:
+        return select(*_STATE_COLUMNS)
+    return select(*jobs.c, job_contents.c.event, job_contents.c.files).select_from(
+        jobs.outerjoin(job_contents, job_contents.c.job_id == jobs.c.id)
     )
-    return "[" + ",".join(batches) + "]"
 
 
-def _select_one(conn: Connection, where: Any, contents: bool = True) -> Any:
-    return conn.execute(select(*_columns(contents)).where(where)).one()
+def _dialect_insert(dialect: str) -> Any:
+    """The dialect's INSERT (with ON CONFLICT), imported for the engine in use only.
+
+    The PostgreSQL dialect's modules (asyncpg's among them) cost a SQLite process 30 ms.
+    """
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
 
 
-# Every column but the event and its files: what a job's state and summary need. A job of
-# 76,000 files holds 18 MB of text in those two, and parsing them takes a hundred MB more.
-_STATE_COLUMNS = tuple(column for column in jobs.c if column.name not in ("event", "files"))
+def _skip(window: JsonWindow) -> bool:
+    """Read the value at hand and let it go."""
+    window.value()
+    return True
 
 
-def _columns(contents: bool) -> tuple[Any, ...]:
-    return tuple(jobs.c) if contents else _STATE_COLUMNS
+# Texts of this many characters or more go into SQLite through its blob I/O (see JobStore._put_large).
+_LARGE_TEXT: Final = 1 << 20
 
 
-def _job(row: Any) -> Job:
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else sum(map(len, _utf8_pieces(text)))
+
+
+def _utf8_pieces(text: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """``text`` encoded as UTF-8, ``size`` characters at a time."""
+    for start in range(0, len(text), size):
+        yield text[start : start + size].encode("utf-8")
+
+
+# Every column of a job: its state and summary (its event and files are in job_contents).
+_STATE_COLUMNS = tuple(jobs.c)
+
+
+def _job(row: Any, files_text: str | None = None) -> Job:
+    """A job from its row; its files from ``files_text``, and its event if the row has it."""
     error = None
     if row.error_kind is not None:
         error = JobError(
@@ -1188,14 +1558,14 @@ def _job(row: Any) -> Job:
             json.loads(row.error_context or "{}"),
         )
     # Each file's dict becomes its CartFile as it is parsed, so a job of many files never
-    # holds the list of dicts and the files at once. A row read without its contents (the
-    # event and the files) has neither: only its state, and how many files it has.
-    contents = "files" in row._mapping
+    # holds the list of dicts and the files at once. A job read without its contents (the
+    # event and the files) has neither: only its state, and how many files it has; a claimed
+    # one has its files but not its event.
+    contents = files_text is not None
     files: tuple[CartFile, ...] = ()
-    event = None
-    if contents:
-        files = tuple(json.loads(row.files or "[]", object_hook=lambda entry: CartFile(**entry)))
-        event = json.loads(row.event)
+    if files_text is not None:
+        files = tuple(json.loads(files_text, object_hook=lambda entry: CartFile(**entry)))
+    event = eventdata.loads(row.event) if "event" in row._mapping and row.event is not None else None
     return Job(
         id=row.id,
         source=row.source,
@@ -1223,6 +1593,33 @@ def _job(row: Any) -> Job:
         deaths=row.deaths,
         conflicts=row.conflicts,
         conflict_at=row.conflict_at,
+    )
+
+
+def _new_job(row: Mapping[str, Any], run_at: float) -> Job:
+    """The job just inserted, from the values it was inserted with (nothing read back)."""
+    error = None
+    if row.get("error_kind") is not None:
+        error = JobError(
+            row["error_kind"],
+            row["error_detail"] or "",
+            bool(row["error_retryable"]),
+            json.loads(row["error_context"] or "{}"),
+        )
+    return Job(
+        id=row["id"],
+        source=row["source"],
+        event_id=row["event_id"],
+        type=row["type"],
+        state=JobState(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        run_at=run_at,
+        retry_from=row["retry_from"],
+        file_count=row["file_count"],
+        error=error,
+        finished_at=row.get("finished_at"),
     )
 
 

@@ -17,6 +17,7 @@ place it had renamed to but not recorded as done) first, and :meth:`Worker.recov
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +173,9 @@ class Worker:
         heartbeat.start()
         self._threads.append(heartbeat)
         self.deliverer.start()
+        # Jobs another process makes due (an intake-only serve, an operator's retry) wake the
+        # idle threads at once on PostgreSQL, not at their next poll.
+        self.store.ends.on_queued(self.wake)
         return self
 
     def wake(self) -> None:
@@ -262,7 +267,15 @@ class Worker:
             return None
         active = _Active(job)
         with self._lock:
-            self._active[job.id] = active
+            # stop() sets _stopping, then cancels what is in _active under this lock: a job
+            # claimed while it did is either cancelled there or handed back here, untried.
+            stopping = self._stopping.is_set()
+            if not stopping:
+                self._active[job.id] = active
+        if stopping:
+            # What a dead worker's attempt left stays recorded for the next claimer to remove.
+            self.store.release(job.id, self.owner, clean=False)
+            return None
         try:
             self._run(active)
         finally:
@@ -323,6 +336,7 @@ class Worker:
 
     def _publish(self, job: Job, path: str) -> str:
         """Add the event and its metadata to the verified files and move them into place."""
+        job = replace(job, event=self.store.event(job.id))  # read now: a claim leaves it out
         try:
             write_beside(path, job)
             apply_umask(path, self.settings.umask_bits())
@@ -478,13 +492,36 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def map_large_blocks() -> None:
+    """Keep glibc giving each large block (128 KiB or more) its own mapping, unmapped when freed.
+
+    glibc raises that threshold each time such a block is freed, up to 32 MiB, after which the
+    next ones (an event's 10 MB of text, the files' 7 MB) come from the heap, where what is
+    freed stays resident: the intake's texts of a large event were still held when its
+    download ran, and the two added up. Setting the threshold (to glibc's own default) stops
+    it from moving. Elsewhere than glibc, nothing.
+    """
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # malloc.h
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
+    libc = _libc()
+    return getattr(libc, "malloc_trim", None)
 
 
 def remove_download(job: Job, settings: Settings) -> bool:
@@ -570,6 +607,7 @@ def build_worker(
 def run_worker(settings: Settings) -> None:
     """Run download workers only (no HTTP) until SIGTERM or SIGINT, then stop gracefully."""
     configure_json_logging(settings.log_level)
+    map_large_blocks()
     prepare_root(settings.root())  # before the store: a refused start touches nothing
     store = open_store(
         settings.database(), upgrade=settings.db_upgrade, pool_size=settings.workers + 3, max_overflow=4

@@ -12,7 +12,7 @@ import pytest
 
 from devstack.postgres import PostgresServer
 from downloader_service.cartfile import CartFile
-from downloader_service.service.ends import CHANNEL, Watch
+from downloader_service.service.ends import Watch
 from downloader_service.service.jobs import JobError
 from downloader_service.service.store import JobStore, NewJob, open_store
 
@@ -118,7 +118,7 @@ def test_a_lost_listener_connection_wakes_every_waiter_and_listens_again(
             database = pg_url.rsplit("/", 1)[1]
             ended = postgres.psql(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                f"WHERE datname = '{database}' AND query = 'LISTEN {CHANNEL}'"
+                f"WHERE datname = '{database}' AND query LIKE 'LISTEN %'"
             )
             assert ended.strip() == "1"
             # Ends may have been missed meanwhile: the waiter is told to read the store.
@@ -127,5 +127,43 @@ def test_a_lost_listener_connection_wakes_every_waiter_and_listens_again(
             while not store.ends.listening:
                 assert time.monotonic() < deadline, "the listener did not listen again"
                 time.sleep(0.01)
+    finally:
+        store.close()
+
+
+def test_a_job_made_due_in_another_process_wakes_a_subscribed_worker(pg_url: str) -> None:
+    """The intake's insert, an operator's retry and a shutdown's hand-back each NOTIFY; an end does not."""
+    import threading
+
+    intake, workers = open_store(pg_url), open_store(pg_url)
+    woken = threading.Event()
+    try:
+        workers.ends.on_queued(woken.set)
+        deadline = time.monotonic() + 30
+        while not workers.ends.listening:  # set-up: connecting takes a moment
+            assert time.monotonic() < deadline, "the listener never listened"
+            time.sleep(0.01)
+        woken.clear()  # (re)connecting calls it too: jobs may have come meanwhile
+        job_id = running(intake)  # added (a NOTIFY), then claimed here
+        assert woken.wait(30), "the intake's new job woke no worker"
+        woken.clear()
+        assert intake.release(job_id, "w")  # handed back at a shutdown: due now
+        assert woken.wait(30), "a job handed back woke no worker"
+        woken.clear()
+        claimed = intake.claim("w", 60)
+        assert claimed is not None and intake.fail(claimed.id, "w", ERROR)
+        assert not woken.wait(1.0), "a job's end is not a job to do"
+        intake.retry(claimed.id)
+        assert woken.wait(30), "an operator's retry woke no worker"
+    finally:
+        intake.close()
+        workers.close()
+
+
+def test_sqlite_workers_poll_and_open_no_listener(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    try:
+        store.ends.on_queued(lambda: None)
+        assert store.ends.conninfo is None and not store.ends.listening
     finally:
         store.close()

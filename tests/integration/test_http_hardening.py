@@ -438,3 +438,32 @@ def test_the_gate_and_the_request_read_fields_with_one_parser() -> None:
     }
     assert _body_wanted(b"POST / HTTP/1.1\r\nContent-Length: 7\r\nExpect: 100-continue") == (7, True)
     assert _body_wanted(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked") == (None, False)
+
+
+def test_an_answer_is_held_until_it_ends_and_sent_in_one_write() -> None:
+    from downloader_service.service.http import HOLD_LIMIT, _Outbox
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(5)
+        theirs.setblocking(False)
+        outbox = _Outbox(ours, "wb", 8192)
+        outbox.write(b"not held ")  # outside an answer: at once
+        assert theirs.recv(100) == b"not held "
+        outbox.holding = True
+        outbox.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        outbox.write(b"{}")
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)  # nothing yet
+        outbox.release()
+        assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n{}"
+        assert outbox.bytes_written == len(b"not held HTTP/1.1 200 OK\r\n\r\n{}")
+        outbox.holding = True
+        outbox.write(b"x" * HOLD_LIMIT)  # a large answer is not held whole
+        theirs.setblocking(True)
+        theirs.settimeout(5)
+        received = b""
+        while len(received) < HOLD_LIMIT:
+            received += theirs.recv(HOLD_LIMIT)
+        assert received == b"x" * HOLD_LIMIT and outbox.holding
+        outbox.release()

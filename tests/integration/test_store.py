@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 
 from devstack.postgres import PostgresServer
 from downloader_service.cartfile import CartFile
 from downloader_service.errors import CartUnavailableError
-from downloader_service.service.jobs import JobError
+from downloader_service.service.jobs import Job, JobError
 from downloader_service.service.store import JobStore, NewJob, SchemaError, open_store
 
 FILE = CartFile("34", "a/b/foo.txt", "sha1", "f1d2d2f924e986ac86fdf7b36c94bcdf32beec15")
@@ -81,6 +84,83 @@ def test_add_batch_is_one_transaction(store: JobStore) -> None:
     assert [created for _job, created in answers] == [True, True, False]
     assert answers[2][0].id == answers[0][0].id
     assert store.stats()["jobs"]["queued"] == 2
+
+
+def test_add_answers_the_job_as_the_store_holds_it(store: JobStore) -> None:
+    # The answer is made from the values inserted, not read back: it must be what a read says.
+    error = JobError("no_files", "no files", False, {"field": "files"})
+    for made in (new("fine"), new("bad", error=error)):
+        [(job, created)] = store.add([made])
+        assert created
+        assert job == store.get(job.id, contents=False)
+
+
+def _grouped(store: JobStore, calls: list[list[NewJob]]) -> list[list[tuple[Job, bool]] | Exception]:
+    """``store.add`` of each call from a thread of its own, all of them in one group commit.
+
+    The first leader waits, before it takes the group, until every other call waits in it.
+    """
+    lead = store._lead
+    first = threading.Event()
+    groups: list[int] = []
+
+    def held(own: Any) -> None:
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 10
+            while len(store._group) < len(calls) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        groups.append(len(store._group))
+        lead(own)
+
+    results: list[list[tuple[Job, bool]] | Exception] = [[] for _ in calls]
+
+    def call(number: int) -> None:
+        try:
+            results[number] = store.add(calls[number])
+        except Exception as exc:
+            results[number] = exc
+
+    with mock.patch.object(store, "_lead", side_effect=held):
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert groups == [len(calls)]  # one leader, one group
+    return results
+
+
+def test_add_from_many_threads_commits_them_as_one_group(store: JobStore) -> None:
+    [(old, _)] = store.add([new("old")])
+    calls = [[new("g1")], [new("g2"), new("g3")], [new("old")], [new("g1")], [new("g4")]]
+    results = _grouped(store, calls)
+    answers = [result for result in results if not isinstance(result, Exception)]
+    assert len(answers) == len(calls)
+    assert [[job.event_id for job, _created in answer] for answer in answers] == [
+        [job.event_id for job in call] for call in calls
+    ]
+    assert [created for job, created in answers[1] + answers[4]] == [True, True, True]
+    assert answers[2] == [(old, False)]
+    # The same event twice in one group: one job, created by whichever came first.
+    (one, one_created), (other, other_created) = answers[0][0], answers[3][0]
+    assert one.id == other.id and {one_created, other_created} == {True, False}
+    for answer in answers:
+        for job, _created in answer:
+            assert job == store.get(job.id, contents=False)
+    assert store.stats()["jobs"]["queued"] == 5
+
+
+def test_a_failing_group_answers_each_caller_alone(store: JobStore) -> None:
+    # One caller's event that cannot be stored fails only that caller; the others are stored.
+    unstorable = NewJob(uuid.uuid4().hex, "/src", "bad", "t", {"id": "bad", "data": object()}, (FILE,))
+    first, bad, last = _grouped(store, [[new("a")], [unstorable], [new("b"), new("a")]])
+    assert isinstance(bad, TypeError)
+    assert not isinstance(first, Exception) and not isinstance(last, Exception)
+    assert [job.event_id for job, _created in first + last] == ["a", "b", "a"]
+    assert last[0][1] and first[0][0].id == last[1][0].id and first[0][1] != last[1][1]
+    assert store.stats()["jobs"]["queued"] == 2
+    assert store.get_many([job.id for job, _created in first + last])
 
 
 def test_rejected_job_is_recorded_finished_and_never_claimed(store: JobStore) -> None:
@@ -337,7 +417,9 @@ def test_state_reads_leave_the_event_and_files_out_but_count_the_files(store: Jo
     assert full.files == (FILE,) * 3 and full.event == {"id": "big", "data": [1, 2]}
     assert full.summary() == store.get(added.id, contents=False).summary()  # type: ignore[union-attr]
     claimed = store.claim("w1", 60)
-    assert claimed is not None and claimed.files == (FILE,) * 3 and claimed.event is not None
+    # A claim brings the files to download; the event is read when the download is published.
+    assert claimed is not None and claimed.files == (FILE,) * 3 and claimed.event is None
+    assert store.event(claimed.id) == {"id": "big", "data": [1, 2]}
 
 
 def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str, clock: Clock) -> None:
@@ -371,6 +453,44 @@ def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str,
         store.close()
 
 
+def test_upgrade_to_0007_moves_each_jobs_event_and_files_out_of_its_row(store_url: str, clock: Clock) -> None:
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    from downloader_service.service.store import _alembic_config
+
+    store = JobStore(store_url, clock=clock)  # an empty database, no schema yet
+    try:
+        config = _alembic_config()
+        with store._write() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0006")
+            file = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, source, event_id, type, state, attempts, run_at, retry_from,"
+                    " created_at, updated_at, event, files, file_count) VALUES ('j1', '/s', 'e', 't',"
+                    " 'queued', 0, 0, 0, 0, 0, :event, :files, 1)"
+                ),
+                {"event": '{"id":"e","data":[{"a":1}]}', "files": f"[{file}]"},
+            )
+        store.upgrade()
+        with store._read() as conn:
+            assert {"event", "files"}.isdisjoint(
+                column["name"] for column in inspect(conn).get_columns("jobs")
+            )
+        full = store.get("j1")
+        assert full is not None and full.event == {"id": "e", "data": [{"a": 1}]}
+        assert [file.path for file in full.files] == ["a"]
+        claimed = store.claim("w1", 60)
+        assert claimed is not None and claimed.id == "j1" and [file.id for file in claimed.files] == ["1"]
+        assert store.event("j1") == full.event
+        store.delete("j1")
+        assert store.event("j1") is None  # its contents went with it
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("skew", [120.0, -120.0])
 def test_leases_on_postgresql_keep_to_the_databases_clock_whatever_a_workers_clock_says(
     postgres: PostgresServer, skew: float
@@ -395,3 +515,52 @@ def test_leases_on_postgresql_keep_to_the_databases_clock_whatever_a_workers_clo
     finally:
         for store in (honest, ahead, naive):
             store.close()
+
+
+def test_a_large_event_and_its_files_go_in_and_come_back_a_piece_at_a_time(store: JobStore) -> None:
+    """Over 1 MiB each: SQLite's blob I/O writes and reads them; PostgreSQL takes them whole."""
+    files = tuple(
+        CartFile(str(index), f"d/é-{index}.txt", "sha1", f"{index:040x}", index) for index in range(12_000)
+    )
+    data = [
+        {"destinationTable": "Files", "_id": index, "name": f"é-{index}.txt", "n": "x" * 80}
+        for index in range(12_000)
+    ]
+    event = {"id": "big", "source": "/src", "data": data}
+    [(added, _)] = store.add([NewJob(uuid.uuid4().hex, "/src", "big", "t", event, files)])
+    claimed = store.claim("w1", 60)
+    assert claimed is not None and claimed.id == added.id
+    assert claimed.files == files and [file.size for file in claimed.files] == list(range(12_000))
+    stored = store.event(added.id)
+    assert stored is not None and stored["id"] == "big" and len(stored["data"]) == 12_000
+    assert stored["data"] == data  # read from the store again, an item at a time
+    assert list(stored["data"]) == data  # and again
+    full = store.get(added.id)
+    assert full is not None and full.files == files and full.event == event
+
+
+def test_the_intake_and_everything_else_survive_pooled_connections_the_server_dropped(
+    postgres: PostgresServer,
+) -> None:
+    # The intake's group takes a connection used moments ago without pinging it first; one
+    # the server has dropped fails the group, and the group is inserted again. Every other
+    # use pings first (a connection found dead is replaced), as pool_pre_ping did.
+    name = f"dropped_{next(_databases)}_{uuid.uuid4().hex[:6]}"
+    store = open_store(postgres.create_database(name))
+    try:
+
+        def drop_our_connections() -> None:
+            postgres.psql(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+
+        [(first, _)] = store.add([new("before")])
+        drop_our_connections()
+        [(job, created)] = store.add([new("after")])  # met the dead connection, then again
+        assert created and store.get(job.id, contents=False) == job
+        drop_our_connections()
+        assert store.get(first.id) is not None  # a read pings, and gets a fresh connection
+        assert store.claim("w", 60) is not None
+    finally:
+        store.close()

@@ -196,7 +196,13 @@ def test_restart_while_events_arrive_reenables_records_the_gap_and_replay_downlo
         started = time.monotonic()
         wait("the subscription enabled again", lambda: not run.subscriptions()[0]["disabled"], 10, 0.05)
         reenabled_after = time.monotonic() - started
-        ready = wait("the gap reported", lambda: run.ready()["subscription"]["gaps"], 10)
+        # The guard records the gap, enables the subscription, then closes the gap's window:
+        # seen in between, the gap has no end yet.
+        ready = wait(
+            "the gap reported",
+            lambda: [g for g in run.ready()["subscription"]["gaps"] if g["enabled_at"] is not None],
+            10,
+        )
         [gap] = ready
         assert gap["kind"] == "disabled" and gap["disabled_at"] == disabled, gap
         assert gap["window"]["start"] <= disabled.replace("T", " ")[:19] <= gap["window"]["end"], gap

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 import threading
 import time
@@ -823,3 +824,142 @@ def test_sync_post_is_answered_when_its_job_ends_not_at_a_poll(
     assert resp.status_code == 200, resp.data
     assert body(resp)["state"] == "done"
     assert service.store.ends.woken == {"local": 1}
+
+
+def _cherrypy_only(client: Client) -> Client:
+    """The same app's requests, every one through CherryPy's own machinery (no fast POST /)."""
+    return type(client)(client.application.wsgiapp)
+
+
+def _comparable(resp: TestResponse) -> tuple[int, dict[str, str], Any]:
+    """Status, headers and JSON body of an answer, with what differs between two runs masked."""
+    headers = {name: value for name, value in resp.headers.items() if name not in ("Date", "Content-Length")}
+    assert resp.headers["Content-Length"] == str(len(resp.data))
+    data = json.loads(resp.data)
+    masked = {"job_id", "created", "updated", "finished", "last", "status_url", "download_path", "seconds"}
+
+    def mask(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: "*" if key in masked else mask(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [mask(item) for item in value]
+        return value
+
+    if "Location" in headers:
+        headers["Location"] = "*"
+    return resp.status_code, headers, mask(data)
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_post_is_answered_the_same_past_cherrypy_and_through_it(
+    make_client: MakeClient, files: list[dict[str, Any]], async_: bool, tmp_path: Path
+) -> None:
+    """``POST /`` served by :class:`Application` itself answers as CherryPy's handler does."""
+    sender = {"Authorization": "Bearer t"}
+    structured = {"Content-Type": "application/cloudevents+json", **sender}
+    event = json.dumps({**make_event(files, version="1.0", event_id="same"), "specversion": "1.0"})
+    requests: list[tuple[bytes | str, dict[str, str]]] = [
+        (json.dumps(make_event(files, event_id="n-1")), {**JSON, **sender}),
+        (event, structured),
+        (event, structured),  # a duplicate
+        (event.replace("same", "other-type").replace("org.pacifica", "org.else"), structured),
+        (
+            json.dumps([json.loads(event), json.loads(event.replace("same", "b-2"))]),
+            {
+                "Content-Type": "application/cloudevents-batch+json",
+                **sender,
+            },
+        ),
+        (b"{not json", {**JSON, **sender}),
+        (event, {"Content-Type": "text/plain", **sender}),
+        (event, {"Content-Type": "application/json"}),  # no credential
+        (event, {"Authorization": "Bearer wrong", **JSON}),
+        (event, {**structured, "Sec-Fetch-Site": "cross-site"}),
+        (event, {**structured, "Origin": "https://elsewhere.example"}),
+        (b"x" * 5000, {**JSON, **sender}),  # over the body limit
+        (event, {**structured, "Prefer": "respond-async"}),
+    ]
+    # Async without a worker: each answer's state is "queued", not a race with the download.
+    settings = {
+        "token": "t",
+        "max_body_bytes": 4096,
+        "respond_async": async_,
+        **({"workers": 0} if async_ else {}),
+    }
+    fast = make_client(**settings, state_dir=str(tmp_path / "fast"))
+    slow = _cherrypy_only(make_client(**settings, state_dir=str(tmp_path / "slow")))
+    for data, headers in requests:
+        ours, theirs = fast.post("/", data=data, headers=headers), slow.post("/", data=data, headers=headers)
+        assert _comparable(ours) == _comparable(theirs), (data[:80], headers)
+    strict_fast = make_client(strict=True, state_dir=str(tmp_path / "strict-fast"))
+    strict_slow = _cherrypy_only(make_client(strict=True, state_dir=str(tmp_path / "strict-slow")))
+    rejected = json.dumps(make_event([], event_id="none"))
+    assert _comparable(strict_fast.post("/", data=rejected, headers=JSON)) == _comparable(
+        strict_slow.post("/", data=rejected, headers=JSON)
+    )
+
+
+def test_an_accepted_event_is_one_access_line_naming_its_job(
+    make_client: MakeClient, files: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(respond_async=True, workers=0)
+    for number, served in enumerate((client, _cherrypy_only(client))):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            answer = post(served, make_event(files, event_id=f"line-{number}"))
+        assert answer.status_code == 202
+        lines = [record for record in caplog.records if record.levelno >= logging.INFO]
+        assert [record.name.split(".")[:2] for record in lines] == [["cherrypy", "access"]], lines
+        [line] = lines
+        assert '"POST / HTTP/1.1" 202 ' in line.getMessage()
+        job = body(answer)
+        assert (line.event_id, line.job_id, line.state, line.duplicate) == (  # type: ignore[attr-defined]
+            f"line-{number}",
+            job["job_id"],
+            "queued",
+            False,
+        )
+    caplog.clear()
+    batch = [make_event(files, version="1.0", event_id=f"many-{n}") for n in range(2)]
+    with caplog.at_level("INFO"):
+        client.post(
+            "/", data=json.dumps(batch), headers={"Content-Type": "application/cloudevents-batch+json"}
+        )
+    # A batch keeps a line for each event it made a job of, and the access line.
+    assert [record.getMessage() for record in caplog.records if record.name.endswith("intake")] == [
+        "event accepted",
+        "event accepted",
+    ]
+
+
+def test_redact_masks_what_every_pattern_masks_and_skips_the_rest() -> None:
+    # redact() runs a pattern only on text with the character it needs: the same result as all three.
+    from downloader_service.service import logs
+
+    def every_pattern(text: str) -> str:
+        text = logs._SECRET_PARAM.sub(logs._MASKED, text)
+        text = logs._AUTH_HEADER.sub(logs._MASKED, text)
+        return logs._URL_PASSWORD.sub(logs._MASKED + "@", text)
+
+    pieces = [
+        "GET /jobs?",
+        "access_token=abc",
+        "&client_password=p",
+        "Authorization: Bearer x",
+        "authorization=y",
+        "'Authorization': 'Basic eA=='",
+        "postgresql://u:secret@db/x",
+        "http://h:1/",
+        "@",
+        "=",
+        ":",
+        " ",
+        "queued",
+        "3f2a9c1b7d4e",
+    ]
+    import itertools
+
+    for length in (1, 2, 3):
+        for parts in itertools.product(pieces, repeat=length):
+            text = "".join(parts)
+            assert logs.redact(text) == every_pattern(text), text

@@ -64,6 +64,26 @@ def entries(tmp_path: Path) -> list[str]:
     return sorted(path.name for path in (tmp_path / "root").iterdir())
 
 
+def test_a_job_claimed_while_the_worker_stops_is_handed_back_untried(
+    store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread past its stop check when stop() began must not start a download after it."""
+    job_id = add_job(store, fake_cartd)
+    worker = make_worker(store, make_settings(tmp_path, fake_cartd.url), clock)
+    claim = store.claim
+
+    def claim_as_stop_begins(owner: str, lease: float):  # type: ignore[no-untyped-def]
+        job = claim(owner, lease)
+        worker._stopping.set()  # stop() began while this claim ran
+        return job
+
+    monkeypatch.setattr(store, "claim", claim_as_stop_begins)
+    assert worker.run_once() is None
+    back = store.get(job_id, contents=False)
+    assert back is not None and (back.state, back.attempts, back.lease_owner) == ("queued", 0, None)
+    assert entries(tmp_path) == [] and not fake_cartd.carts
+
+
 def test_run_once_downloads_and_publishes_under_the_layout(
     store: JobStore, fake_cartd: FakeCartd, tmp_path: Path, clock: Clock
 ) -> None:
