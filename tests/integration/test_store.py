@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -422,19 +423,30 @@ def test_state_reads_leave_the_event_and_files_out_but_count_the_files(store: Jo
     assert store.event(claimed.id) == {"id": "big", "data": [1, 2]}
 
 
-def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str, clock: Clock) -> None:
+OLD_FILE = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+
+
+@contextmanager
+def at_revision(store: JobStore, revision: str) -> Iterator[Any]:
+    """A connection to the store's empty database brought to ``revision``, to write old rows with."""
     from alembic import command
-    from sqlalchemy import text
 
     from downloader_service.service.store import _alembic_config
 
+    config = _alembic_config()
+    with store._write() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+        yield conn
+
+
+def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str, clock: Clock) -> None:
+    from sqlalchemy import text
+
     store = JobStore(store_url, clock=clock)  # an empty database, no schema yet
     try:
-        config = _alembic_config()
-        with store._write() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0003")
-            file = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+        with at_revision(store, "0003") as conn:
+            file = OLD_FILE
             conn.execute(
                 text(
                     "INSERT INTO jobs (id, source, event_id, type, state, attempts, run_at, retry_from,"
@@ -454,18 +466,12 @@ def test_upgrade_to_0004_counts_the_files_of_jobs_already_stored(store_url: str,
 
 
 def test_upgrade_to_0007_moves_each_jobs_event_and_files_out_of_its_row(store_url: str, clock: Clock) -> None:
-    from alembic import command
     from sqlalchemy import inspect, text
-
-    from downloader_service.service.store import _alembic_config
 
     store = JobStore(store_url, clock=clock)  # an empty database, no schema yet
     try:
-        config = _alembic_config()
-        with store._write() as conn:
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0006")
-            file = '{"id":"1","path":"a","hashtype":"sha1","hashsum":"x","size":1}'
+        with at_revision(store, "0006") as conn:
+            file = OLD_FILE
             conn.execute(
                 text(
                     "INSERT INTO jobs (id, source, event_id, type, state, attempts, run_at, retry_from,"
