@@ -180,11 +180,12 @@ def read_value(window: JsonWindow) -> Any:
     return window.value()
 
 
-def loads(text: str | bytes) -> Any:
+def loads(text: str | bytes, data: bool = False) -> Any:
     """:func:`read_value` of the whole of ``text``; ``ValueError`` if it is not one JSON value.
 
-    Bytes are UTF-8 (``UnicodeDecodeError`` if not; a byte order mark is refused, as by
-    ``json.loads``).
+    With ``data``, the text is an event's data alone (a binary-mode body): an array of it is
+    read as a :class:`DataList`. Bytes are UTF-8 (``UnicodeDecodeError`` if not; a byte order
+    mark is refused, as by ``json.loads``).
     """
     if len(text) <= SMALL:
         # A few objects: as they are (no chunks), and faster.
@@ -192,7 +193,7 @@ def loads(text: str | bytes) -> Any:
     if isinstance(text, bytes) and text.startswith(b"\xef\xbb\xbf"):
         raise ValueError("Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)")
     window = JsonWindow(reader(text))
-    value = read_value(window)
+    value = DataList.read(window) if data and window.peek() == "[" else read_value(window)
     window.end()
     return value
 

@@ -12,7 +12,7 @@ import base64
 import re
 from array import array
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import accumulate
 from typing import Any, Final
@@ -118,7 +118,12 @@ def parse_request(headers: Mapping[str, str], body: bytes) -> list[ReceivedEvent
     if any(key.startswith("ce-") for key in lowered):
         _require(lowered, "ce-", "header")
         _check_depth(body)  # the SDK parses a JSON body itself
-        return [_sdk_event(lambda: from_binary_event(HTTPMessage(lowered, body)), "binary")]
+        if len(body) <= eventdata.SMALL:
+            return [_sdk_event(lambda: from_binary_event(HTTPMessage(lowered, body)), "binary")]
+        # A large body is the data alone: the SDK checks the headers, we read the data as we
+        # read a structured event's (its items kept as text, not parsed whole by the SDK).
+        event = _sdk_event(lambda: from_binary_event(HTTPMessage(lowered, b"")), "binary")
+        return [replace(event, data=_json(body, data=True))]
     if media == STRUCTURED:
         return [_structured(_json(body), "structured")]
     if media == BATCH:
@@ -156,11 +161,14 @@ def _check_depth(body: bytes) -> None:
         )
 
 
-def _json(body: bytes) -> Any:
-    """The body's JSON, each ``data`` array of a large one kept as text (:class:`.DataList`)."""
+def _json(body: bytes, data: bool = False) -> Any:
+    """The body's JSON, each ``data`` array of a large one kept as text (:class:`.DataList`).
+
+    ``data``: the body is the data alone (binary mode), a large array of it kept as text.
+    """
     _check_depth(body)
     try:
-        return eventdata.loads(body)
+        return eventdata.loads(body, data)
     except UnicodeDecodeError as exc:
         raise InvalidEventError(f"the body is not UTF-8: {exc}", field="body") from exc
     except (ValueError, RecursionError) as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from downloader_service.errors import InvalidEventError
 from downloader_service.service import eventdata
 from downloader_service.service.eventdata import DataList
 from downloader_service.service.jobs import Job, JobState, dumps
@@ -131,3 +132,26 @@ def test_the_intake_makes_the_same_job_of_a_large_event_as_of_the_parsed_one(bro
         assert isinstance(streamed_job.files, FilesColumn) and isinstance(parsed_job.files, FilesColumn)
         assert streamed_job.files.count == parsed_job.files.count == len(FILES)
         assert streamed_job.files.text() == parsed_job.files.text()
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_a_large_binary_mode_event_is_read_as_a_structured_one(content_type: str) -> None:
+    """The SDK checks the ce- headers; the body, the data alone, is kept as text as in the other modes."""
+    event = large_event()
+    event["data"][-1]["value"] = "plain"  # type: ignore[index]
+    headers = {
+        "ce-id": "ev-1",
+        "ce-source": "/pacifica/metadata/ingest",
+        "ce-type": "org.pacifica.metadata.ingest",
+        "ce-specversion": "1.0",
+        "content-type": content_type,
+    }
+    (binary,) = parse_request(headers, json.dumps(event["data"]).encode())
+    (structured,) = parse_request(
+        {"content-type": "application/cloudevents+json"}, json.dumps(event).encode()
+    )
+    assert binary.mode == "binary" and isinstance(binary.data, DataList)
+    assert (binary.id, binary.source, binary.type) == (structured.id, structured.source, structured.type)
+    assert binary.data == structured.data == event["data"]
+    with pytest.raises(InvalidEventError, match="source.*must not be None or empty"):
+        parse_request({**headers, "ce-source": ""}, json.dumps(event["data"]).encode())
