@@ -153,5 +153,5 @@ def test_a_large_binary_mode_event_is_read_as_a_structured_one(content_type: str
     assert binary.mode == "binary" and isinstance(binary.data, DataList)
     assert (binary.id, binary.source, binary.type) == (structured.id, structured.source, structured.type)
     assert binary.data == structured.data == event["data"]
-    with pytest.raises(InvalidEventError, match="source.*must not be None or empty"):
+    with pytest.raises(InvalidEventError, match=r"source.*must not be None or empty"):
         parse_request({**headers, "ce-source": ""}, json.dumps(event["data"]).encode())
