@@ -57,12 +57,6 @@ class DataList(Sequence[Any]):
             chunks.append(",".join(batch))
         return cls(chunks, count)
 
-    @classmethod
-    def of(cls, items: list[Any]) -> DataList:
-        """The list as a :class:`DataList` (the store's text of each item)."""
-        chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
-        return cls([",".join(map(dumps, chunk)) for chunk in chunks], len(items))
-
     def __iter__(self) -> Iterator[Any]:
         self._check()
         for chunk in self.chunks:
@@ -204,11 +198,17 @@ def pieces(record: Mapping[str, Any]) -> Iterator[str]:
     if not isinstance(data, DataList):
         yield dumps(dict(record))
         return
-    token = uuid.uuid4().hex  # stands for the data in the text around it: no sender can guess it
-    before, after = dumps({**record, "data": token}).split(f'"{token}"')
+    before, after = around_data(record)
     yield before
     yield from data.pieces()
     yield after
+
+
+def around_data(record: Mapping[str, Any], indent: int | None = None) -> tuple[str, str]:
+    """:func:`~.jobs.dumps` of ``record`` before and after its ``data`` value (the data left out)."""
+    token = uuid.uuid4().hex  # stands for the data in the text around it: no sender can guess it
+    before, after = dumps({**record, "data": token}, indent=indent).split(f'"{token}"')
+    return before, after
 
 
 def encode(record: Mapping[str, Any]) -> str:
@@ -236,6 +236,9 @@ class StoredEvent:
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> StoredEvent:
-        return cls(
-            encode(record), digest({key: value for key, value in record.items() if key != "receivedmode"})
-        )
+        return cls(encode(record), event_digest(record))
+
+
+def event_digest(record: Mapping[str, Any]) -> str:
+    """sha256 of an event's record, without how it came (the same event may come another way)."""
+    return digest({key: value for key, value in record.items() if key != "receivedmode"})

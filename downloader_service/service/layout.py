@@ -13,12 +13,11 @@ import json
 import os
 import re
 import string
-import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
-from .eventdata import DataList
+from .eventdata import DataList, around_data
 from .jobs import Job, dumps
 
 DEFAULT_LAYOUT: Final = "event-{event_id}-{job}"
@@ -138,8 +137,7 @@ def _write_indented(handle: TextIO, event: Mapping[str, Any]) -> None:
     if not isinstance(data, DataList):
         handle.write(dumps(event, indent=2) + "\n")
         return
-    token = uuid.uuid4().hex  # stands for the data in the text around it: no sender can guess it
-    head, tail = dumps({**event, "data": token}, indent=2).split(f'"{token}"')
+    head, tail = around_data(event, indent=2)
     handle.write(head + ("[" if data else "[]"))
     for index, item in enumerate(data):
         handle.write(("," if index else "") + "\n    " + dumps(item, indent=2).replace("\n", "\n    "))

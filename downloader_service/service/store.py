@@ -1467,11 +1467,6 @@ def _new_row(new: NewJob, now: float) -> dict[str, Any]:
     return row
 
 
-def event_digest(event: Mapping[str, Any]) -> str:
-    """sha256 of an event's record, without how it came (the same event may come another way)."""
-    return StoredEvent.of(event).digest
-
-
 def _requeue(conn: Connection, job_id: str, now: float) -> None:
     conn.execute(
         update(jobs)

@@ -10,10 +10,9 @@ import pytest
 
 from downloader_service.errors import InvalidEventError
 from downloader_service.service import eventdata
-from downloader_service.service.eventdata import DataList
+from downloader_service.service.eventdata import DataList, event_digest
 from downloader_service.service.jobs import Job, JobState, dumps
 from downloader_service.service.layout import NOTIFICATION_FILE, write_beside
-from downloader_service.service.store import event_digest
 from downloader_service.service.webhook import parse_request
 from tests.events import file_obj, make_event
 
